@@ -1,0 +1,174 @@
+"""NIfTI reading/writing with geometry checks and atomic writes.
+
+Convention used across flare_utils: arrays are in the file's voxel order (i, j, k), as nibabel
+returns them, and `spacing` is the matching header zooms (mm). Writers never leave a
+half-written file: they write a temporary sibling and rename it into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+
+from .errors import FlareInputError
+
+# Two geometries are "the same" when they agree to these tolerances (mm / unitless).
+SPACING_ATOL = 1e-3
+ORIGIN_ATOL = 1e-2
+DIRECTION_ATOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Geometry:
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+
+    @property
+    def origin(self) -> np.ndarray:
+        return self.affine[:3, 3]
+
+    @property
+    def direction(self) -> np.ndarray:
+        """Unit column directions of the voxel axes (3x3)."""
+        m = self.affine[:3, :3]
+        return m / np.linalg.norm(m, axis=0, keepdims=True)
+
+    @classmethod
+    def of(cls, img: nib.spatialimages.SpatialImage) -> "Geometry":
+        return cls(tuple(int(s) for s in img.shape[:3]),
+                   tuple(float(z) for z in img.header.get_zooms()[:3]),
+                   np.asarray(img.affine, dtype=np.float64))
+
+    def mismatch(self, other: "Geometry") -> str | None:
+        """A sentence saying how `other` differs from self, or None when they match."""
+        if self.shape != other.shape:
+            return f"shape {other.shape} does not match {self.shape}"
+        if not np.allclose(self.spacing, other.spacing, atol=SPACING_ATOL):
+            return f"spacing {_fmt(other.spacing)} does not match {_fmt(self.spacing)}"
+        if not np.allclose(self.origin, other.origin, atol=ORIGIN_ATOL):
+            return f"origin {_fmt(other.origin)} does not match {_fmt(self.origin)}"
+        if not np.allclose(self.direction, other.direction, atol=DIRECTION_ATOL):
+            return "direction (orientation) does not match"
+        return None
+
+
+def _fmt(v) -> str:
+    return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")"
+
+
+def load_nifti(path: str | Path) -> nib.Nifti1Image:
+    """Open a NIfTI file, turning every read failure into a FlareInputError naming the file.
+
+    The voxel data is read eagerly so that truncated files fail here and not later.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FlareInputError(path, "file is missing")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except (EOFError, OSError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as e:
+        raise FlareInputError(path, f"unreadable or truncated NIfTI ({type(e).__name__}: {e})") from e
+    if len(img.shape) < 3:
+        raise FlareInputError(path, f"expected a 3D image, got shape {img.shape}")
+    if len(img.shape) > 3 and any(s != 1 for s in img.shape[3:]):
+        raise FlareInputError(path, f"expected a 3D image, got shape {img.shape}")
+    # Keep the voxels in memory so later accesses do not read the file a second time.
+    return nib.Nifti1Image(data, img.affine, img.header)
+
+
+def read_array(path: str | Path, dtype=None) -> tuple[np.ndarray, Geometry]:
+    """Voxel array (i, j, k) and geometry of a 3D NIfTI file."""
+    img = load_nifti(path)
+    data = np.asanyarray(img.dataobj)
+    if data.ndim > 3:
+        data = data.reshape(data.shape[:3])
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    return data, Geometry.of(img)
+
+
+def read_label_map(path: str | Path, valid_labels: set[int] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Integer label map; rejects non-integer values and (optionally) labels outside a set."""
+    data, geom = read_array(path)
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+            raise FlareInputError(path, "label map holds non-integer values")
+        data = data.astype(np.int64)
+    data = np.asarray(data)
+    if valid_labels is not None:
+        present = set(np.unique(data).tolist())
+        bad = sorted(present - set(valid_labels))
+        if bad:
+            raise FlareInputError(path, f"label values {bad} are not in the label table "
+                                        f"(valid: {sorted(valid_labels)})")
+    return data.astype(np.uint8 if data.max(initial=0) < 256 and data.min(initial=0) >= 0 else np.int32,
+                       copy=False), geom
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path,
+               like: nib.Nifti1Image | None = None) -> Path:
+    """Write a NIfTI atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = like.header.copy() if like is not None else None
+    img = nib.Nifti1Image(data, affine, header=header)
+    img.set_data_dtype(data.dtype)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and move it to `target` only if the block succeeds.
+
+    On any exception the temporary folder is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target}: already exists (pass overwrite=True to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def case_id_from_path(path: str | Path, channel_suffix: bool = False) -> str:
+    """Case id of a NIfTI file name: strips .nii.gz/.nii and, optionally, nnU-Net's _0000."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    if channel_suffix and len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        name = name[:-5]
+    return name
