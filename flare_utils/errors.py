@@ -14,3 +14,7 @@ class FlareInputError(ValueError):
         self.path = Path(path) if path is not None else None
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path is not None else problem)
+
+    def __reduce__(self):
+        # Rebuild from (path, problem) so the error survives the trip back from worker processes.
+        return (type(self), (self.path, self.problem))

@@ -172,3 +172,27 @@ def case_id_from_path(path: str | Path, channel_suffix: bool = False) -> str:
     if channel_suffix and len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
         name = name[:-5]
     return name
+
+
+def save_nifti_like(data: np.ndarray, reference: nib.Nifti1Image, path: str | Path) -> Path:
+    """Write `data` atomically with exactly the geometry of `reference`.
+
+    The reference header is copied, so its qform and sform (with their codes), zooms and units
+    are kept bit for bit; only the data type (that of `data`) and the scaling (reset to none)
+    change. Used for label maps that must sit on their image's grid.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = reference.header.copy()
+    header.set_data_dtype(data.dtype)
+    header.set_slope_inter(1.0, 0.0)
+    img = nib.Nifti1Image(data, None, header=header)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
