@@ -1,0 +1,131 @@
+"""`flare-study` command line (also `python -m flare_utils`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import FlareInputError
+
+
+def _cmd_phantom(a: argparse.Namespace) -> int:
+    from .phantom import write_cohort
+    info = write_cohort(a.out, a.labelled, a.unlabelled, a.validation, seed=a.seed, preset=a.preset,
+                        processes=a.processes, overwrite=a.overwrite)
+    print(f"synthetic cohort in {a.out}: {info}")
+    return 0
+
+
+def _cmd_convert_flare22(a: argparse.Namespace) -> int:
+    from .convert import convert_flare22, dataset_summary, write_summary
+    res = convert_flare22(a.root, a.raw_root, a.id, a.name, overwrite=a.overwrite, link=a.link,
+                          processes=a.processes)
+    print(f"nnU-Net dataset written: {res}")
+    if a.summary:
+        write_summary(dataset_summary(res.dataset_dir, processes=a.processes), a.summary)
+    return 0
+
+
+def _cmd_convert_masks(a: argparse.Namespace) -> int:
+    from .multimask import convert_mask_folder
+    raters = int(a.raters) if a.raters.isdigit() else a.raters
+    report = convert_mask_folder(a.mask_dir, a.out, overlap=a.overlap, raters=raters,
+                                 threshold=a.threshold)
+    print(report)
+    return 0
+
+
+def _cmd_convert_dicom(a: argparse.Namespace) -> int:
+    from .dicom import dicom_series_to_nifti
+    print(dicom_series_to_nifti(a.series_dir, a.out, series_uid=a.series_uid))
+    return 0
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from .pipeline import StageFailed, run_study
+    try:
+        run_study(a.params, run_dir=a.run_dir)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluation import evaluate_folders
+    res = evaluate_folders(a.pred_dir, a.gt_dir, a.out, revision=a.revision, hd95=a.hd95,
+                           processes=a.processes)
+    s = res.summary
+    print(json.dumps({k: s[k] for k in ("revision", "n_cases", "mean_dsc", "mean_nsd") if k in s},
+                     indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flare-study", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ph = sub.add_parser("phantom", help="generate the synthetic abdominal CT cohort (FLARE22 layout)")
+    ph.add_argument("out", type=Path)
+    ph.add_argument("--labelled", type=int, default=8)
+    ph.add_argument("--unlabelled", type=int, default=16)
+    ph.add_argument("--validation", type=int, default=4)
+    ph.add_argument("--preset", default="demo", help="tiny | demo | realistic")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--processes", type=int, default=1)
+    ph.add_argument("--overwrite", action="store_true")
+    ph.set_defaults(func=_cmd_phantom)
+
+    cv = sub.add_parser("convert", help="convert data to nnU-Net v2 / NIfTI")
+    cvs = cv.add_subparsers(dest="kind", required=True)
+    f = cvs.add_parser("flare22", help="FLARE22 folder layout -> nnU-Net v2 raw dataset")
+    f.add_argument("root", type=Path)
+    f.add_argument("raw_root", type=Path, help="nnUNet_raw folder")
+    f.add_argument("--id", type=int, required=True)
+    f.add_argument("--name", default="FLARE22")
+    f.add_argument("--link", choices=["copy", "hardlink", "symlink"], default="copy")
+    f.add_argument("--processes", type=int, default=1)
+    f.add_argument("--summary", type=Path, help="also write summary.csv/json into this folder")
+    f.add_argument("--overwrite", action="store_true")
+    f.set_defaults(func=_cmd_convert_flare22)
+    m = cvs.add_parser("masks", help="one mask per structure -> one FLARE22 label map")
+    m.add_argument("mask_dir", type=Path)
+    m.add_argument("out", type=Path)
+    m.add_argument("--overlap", default="smallest_wins", choices=["smallest_wins", "label_order"])
+    m.add_argument("--raters", default="majority", help="majority | union | intersection | N (one rater)")
+    m.add_argument("--threshold", type=float, default=None, help="binarise float masks at this value")
+    m.set_defaults(func=_cmd_convert_masks)
+    d = cvs.add_parser("dicom", help="DICOM CT series -> NIfTI")
+    d.add_argument("series_dir", type=Path)
+    d.add_argument("out", type=Path)
+    d.add_argument("--series-uid", default=None)
+    d.set_defaults(func=_cmd_convert_dicom)
+
+    r = sub.add_parser("run", help="run the study stages of a params YAML with papermill")
+    r.add_argument("params", type=Path)
+    r.add_argument("--run-dir", type=Path, default=None, help="overrides params.run_dir")
+    r.set_defaults(func=_cmd_run)
+
+    e = sub.add_parser("evaluate", help="FLARE22 DSC/NSD of a prediction folder against ground truth")
+    e.add_argument("pred_dir", type=Path)
+    e.add_argument("gt_dir", type=Path)
+    e.add_argument("--out", type=Path, default=None, help="folder for metrics_per_case.csv + summary.json")
+    e.add_argument("--revision", choices=["2022", "2024"], default="2022")
+    e.add_argument("--hd95", action="store_true")
+    e.add_argument("--processes", type=int, default=2)
+    e.set_defaults(func=_cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FlareInputError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Typed, validated study parameters (the YAML files in params/).
+
+A params file describes a whole run. Every section is a dataclass; loading rejects unknown keys
+and wrong types with the key's full path, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import FlareInputError
+
+
+@dataclass
+class PhantomParams:
+    """Synthetic cohort (the embedded default dataset), see flare_utils.phantom."""
+    preset: str = "demo"
+    n_labelled: int = 8
+    n_unlabelled: int = 16
+    n_validation: int = 4
+    seed: int = 0
+
+
+@dataclass
+class DataParams:
+    """Data conversion stage: where cases come from and which nnU-Net dataset they become."""
+    source: Literal["phantom", "flare22"] = "phantom"
+    flare22_root: str | None = None      # FLARE22 folder layout (source: flare22)
+    phantom: PhantomParams = field(default_factory=PhantomParams)
+    dataset_id: int = 501
+    dataset_name: str = "FLARE22Synth"
+    link: Literal["copy", "hardlink", "symlink"] = "copy"
+    processes: int = 2
+    preview_cases: int = 3               # cases drawn in the conversion notebook
+
+
+@dataclass
+class EvaluationParams:
+    """Evaluation stage: which prediction folders to score against which ground truth."""
+    prediction_sets: dict[str, str] = field(default_factory=dict)
+    ground_truth_dir: str | None = None
+    image_dir: str | None = None         # images for the overlay pictures (optional)
+    timing_files: dict[str, str] = field(default_factory=dict)
+    revision: Literal["2022", "2024"] = "2022"
+    hd95: bool = False
+    processes: int = 2
+
+
+@dataclass
+class StudyParams:
+    """A whole run: global settings plus one section per stage."""
+    name: str = "study"
+    run_dir: str = "runs/study"          # relative paths are relative to the working directory
+    seed: int = 0
+    device: Literal["cpu", "cuda", "mps", "auto"] = "auto"
+    stages: list[str] = field(default_factory=lambda: ["convert"])
+    data: DataParams = field(default_factory=DataParams)
+    evaluation: EvaluationParams = field(default_factory=EvaluationParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (nested dataclasses built)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except FlareInputError as e:
+                errors.append(e.problem)
+        raise FlareInputError(None, f"{where}: expected {' or '.join(_type_name(a) for a in args)}, "
+                                    f"got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise FlareInputError(None, f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise FlareInputError(None, f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise FlareInputError(None, f"{where}: expected a mapping, got {type(value).__name__}")
+        return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}.{k}")
+                for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FlareInputError(None, f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FlareInputError(None, f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise FlareInputError(None, f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")
+
+
+def from_dict(cls, data: Any, where: str = "params"):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise FlareInputError(None, f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise FlareInputError(None, f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyParams:
+    """Read and validate a params YAML; `overrides` (top-level keys) win over the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlareInputError(path, "params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FlareInputError(path, f"not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise FlareInputError(path, "top level must be a mapping of keys to values")
+    raw.update(overrides or {})
+    try:
+        return from_dict(StudyParams, raw)
+    except FlareInputError as e:
+        raise FlareInputError(path, e.problem) from None
