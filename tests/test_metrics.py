@@ -530,3 +530,24 @@ def test_evaluate_folders_geometry_mismatch(tmp_path):
         evaluate_folders(pdir, gdir, tmp_path / "out", processes=2)
     assert ei.value.path == bad
     assert not (tmp_path / "out" / CSV_NAME).exists()
+
+
+def test_cli_evaluate_writes_flare_outputs(tmp_path):
+    import subprocess
+    import sys
+    cases = _tiny_cases(2)
+    pdir, gdir = _write_folders(tmp_path, cases)
+    out = tmp_path / "cli_out"
+    r = subprocess.run([sys.executable, "-m", "flare_utils", "evaluate", str(pdir), str(gdir),
+                        "--out", str(out), "--revision", "2024", "--processes", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout)
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert printed["revision"] == "2024" == summary["revision"] and printed["n_cases"] == 2
+    assert printed["mean_dsc"] == pytest.approx(summary["mean_dsc"])
+    assert len(pd.read_csv(out / CSV_NAME)) == 2
+    (pdir / f"{cases[0][0]}.nii.gz").unlink()
+    r = subprocess.run([sys.executable, "-m", "flare_utils", "evaluate", str(pdir), str(gdir)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and cases[0][0] in r.stderr and "Traceback" not in r.stderr
