@@ -25,6 +25,8 @@ class PhantomParams:
     n_unlabelled: int = 16
     n_validation: int = 4
     seed: int = 0
+    # split -> field of view ("abdomen", "whole_body", ...); splits not named use the preset's mix
+    fov_mix: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
