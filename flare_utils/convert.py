@@ -49,11 +49,9 @@ import datetime as _dt
 import fnmatch
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -64,7 +62,15 @@ import numpy as np
 from . import __version__
 from . import labels as _labels
 from .errors import FlareInputError
-from .io import Geometry, atomic_directory, load_nifti, read_label_map, save_nifti_like
+from .io import (
+    Geometry,
+    atomic_directory,
+    atomic_write_text,
+    load_nifti,
+    read_label_map,
+    save_nifti_like,
+)
+from .parallel import map_processes
 
 __all__ = [
     "Flare22Layout", "ConvertResult", "convert_flare22", "dataset_summary", "write_summary",
@@ -335,21 +341,6 @@ def _fingerprint(cases: Sequence[_Case], target_name: str) -> str:
 
 # ----------------------------------------------------------------------------- per-case work
 
-def _run_tasks(fn: Callable, tasks: Sequence, processes: int) -> list:
-    """fn over tasks, in order; in `processes` spawned workers when > 1. The first error (in task
-    order) is raised after every running worker has stopped, and pending tasks are cancelled."""
-    if processes <= 1 or len(tasks) <= 1:
-        return [fn(t) for t in tasks]
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(processes, len(tasks)), mp_context=ctx) as ex:
-        futures = [ex.submit(fn, t) for t in tasks]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-
 
 def _place_image(src: Path, dst: Path, img: nib.Nifti1Image, link: str) -> str:
     if not src.name.lower().endswith(".nii.gz") or len(img.shape) != 3:
@@ -516,7 +507,7 @@ def convert_flare22(layout_or_root: Flare22Layout | str | Path, raw_root: str | 
                     (tmp / lab_dir).mkdir()
             if n_test == 0:
                 (tmp / "imagesTs").mkdir(exist_ok=True)  # nnU-Net tools expect the folder
-            records = _run_tasks(_convert_case, [(c, str(tmp), link) for c in cases], processes)
+            records = map_processes(_convert_case, [(c, str(tmp), link) for c in cases], processes)
             dataset_json = {
                 "name": dataset_name,
                 "description": ("FLARE22 abdominal organ CT segmentation (13 organs), converted by "
@@ -565,7 +556,9 @@ def verify_with_nnunet(dataset_dir: str | Path, processes: int = 1) -> None:
     nnU-Net reads nnUNet_raw/_preprocessed/_results when first imported: set them beforehand
     (e.g. `flare_utils.paths`) to avoid its warning; the check itself only uses `dataset_dir`.
     """
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    from nnunetv2.experiment_planning.verify_dataset_integrity import (
+        verify_dataset_integrity,
+    )
 
     try:
         verify_dataset_integrity(str(dataset_dir), num_processes=max(1, int(processes)))
@@ -629,19 +622,10 @@ def dataset_summary(dataset_dir: str | Path, processes: int = 1):
     if not dataset_dir.is_dir():
         raise FlareInputError(dataset_dir, "dataset folder is missing")
     cases = _dataset_cases(dataset_dir)
-    rows = _run_tasks(_summarise_case, [(str(dataset_dir), c) for c in cases], max(1, int(processes)))
+    rows = map_processes(_summarise_case, [(str(dataset_dir), c) for c in cases], max(1, int(processes)))
     columns = ["case", "split", "shape", "spacing", *[o.name for o in _labels.ORGANS]]
     return pd.DataFrame(rows, columns=columns)
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_summary(df, out_dir: str | Path) -> tuple[Path, Path]:
@@ -654,7 +638,7 @@ def write_summary(df, out_dir: str | Path) -> tuple[Path, Path]:
         if col in flat:
             flat[col] = flat[col].map(lambda v: "x".join(f"{x:g}" for x in v) if isinstance(v, (tuple, list)) else v)
     csv_path, json_path = out_dir / "summary.csv", out_dir / "summary.json"
-    _atomic_text(csv_path, flat.to_csv(index=False))
+    atomic_write_text(csv_path, flat.to_csv(index=False))
     records = []
     for rec in df.to_dict(orient="records"):
         clean = {}
@@ -667,5 +651,5 @@ def write_summary(df, out_dir: str | Path) -> tuple[Path, Path]:
                 v = v.item()
             clean[k] = v
         records.append(clean)
-    _atomic_text(json_path, json.dumps(records, indent=1) + "\n")
+    atomic_write_text(json_path, json.dumps(records, indent=1) + "\n")
     return csv_path, json_path

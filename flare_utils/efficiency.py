@@ -48,12 +48,13 @@ import os
 import sys
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
 import psutil
+
+from .io import atomic_write_text
 
 try:
     import resource
@@ -537,24 +538,13 @@ class ResourceMonitor:
         path = Path(path)
         if path.suffix.lower() != ".json":
             path = path.with_name(path.name + ".json")
-        _atomic_write_text(path, json.dumps(self.result.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.result.to_dict(), indent=2) + "\n")
         csv_path = None
         if timeseries:
             csv_path = path.with_name(path.stem + ".timeseries.csv")
-            _atomic_write_text(csv_path, self.timeseries_csv())
+            atomic_write_text(csv_path, self.timeseries_csv())
         return path, csv_path
 
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 @dataclass

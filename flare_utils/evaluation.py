@@ -20,10 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
-import uuid
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,9 +28,10 @@ import numpy as np
 import pandas as pd
 
 from .errors import FlareInputError
-from .io import case_id_from_path, read_label_map
+from .io import atomic_write_text, case_id_from_path, read_label_map
 from .labels import ORGANS
 from .metrics import DEFAULT_REVISION, _check_revision, evaluate_case, scores_to_row
+from .parallel import map_processes
 
 CSV_NAME = "metrics_per_case.csv"
 SUMMARY_NAME = "summary.json"
@@ -136,15 +133,6 @@ def summarize(per_case: pd.DataFrame, revision: str, hd95: bool = False) -> dict
     return summary
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 def _json_safe(x):
     if isinstance(x, dict):
@@ -190,13 +178,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
 
     kw = {"revision": revision, "hd95": hd95, "exact_official_zcut": exact_official_zcut}
     tasks = [(cid, str(preds[cid]) if cid in preds else None, str(gts[cid]), kw) for cid in sorted(gts)]
-    n_proc = max(1, min(int(processes), len(tasks)))
-    if n_proc == 1:
-        results = [_evaluate_one(t) for t in tasks]
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx) as pool:
-            results = list(pool.map(_evaluate_one, tasks))
+    results = map_processes(_evaluate_one, tasks, processes)
     for _cid, _row, err in results:
         if err is not None:
             raise FlareInputError(err[0], err[1])
@@ -214,6 +196,6 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / CSV_NAME, per_case.to_csv(index=False))
-        _atomic_write_text(out / SUMMARY_NAME, json.dumps(_json_safe(summary), indent=2) + "\n")
+        atomic_write_text(out / CSV_NAME, per_case.to_csv(index=False))
+        atomic_write_text(out / SUMMARY_NAME, json.dumps(_json_safe(summary), indent=2) + "\n")
     return EvaluationResult(per_case, summary)

@@ -119,22 +119,39 @@ def read_label_map(path: str | Path, valid_labels: set[int] | None = None) -> tu
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path,
                like: nib.Nifti1Image | None = None) -> Path:
     """Write a NIfTI atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = like.header.copy() if like is not None else None
     img = nib.Nifti1Image(data, affine, header=header)
     img.set_data_dtype(data.dtype)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write to; it replaces `path` only if the block succeeds.
+
+    The temporary name keeps the file's suffix (writers such as nibabel choose the format by it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        nib.save(img, str(tmp))
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temporary sibling, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 @contextlib.contextmanager
@@ -181,18 +198,10 @@ def save_nifti_like(data: np.ndarray, reference: nib.Nifti1Image, path: str | Pa
     are kept bit for bit; only the data type (that of `data`) and the scaling (reset to none)
     change. Used for label maps that must sit on their image's grid.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = reference.header.copy()
     header.set_data_dtype(data.dtype)
     header.set_slope_inter(1.0, 0.0)
     img = nib.Nifti1Image(data, None, header=header)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)

@@ -43,8 +43,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -54,7 +52,9 @@ from scipy import ndimage as ndi
 
 from .errors import FlareInputError
 from .io import atomic_directory, save_nifti
-from .labels import LABELS, ORGANS, organ as _organ
+from .labels import LABELS, ORGANS
+from .labels import organ as _organ
+from .parallel import map_processes
 
 __all__ = ["PhantomPreset", "PRESETS", "PhantomCase", "CohortInfo", "FOVS", "PAINT_ORDER",
            "generate_case", "write_cohort", "case_seed", "get_preset", "PHANTOM_VERSION"]
@@ -409,7 +409,6 @@ def _sweep(points, radii, min_r: float = 0.0) -> Shape:
     p, r = _catmull(np.asarray(points, float), np.maximum(np.asarray(radii, float), min_r))
     a, b = p[:-1], p[1:]
     ra, rb = r[:-1], r[1:]
-    rmax = float(r.max())
 
     def f(x, y, z):
         out = np.full(x.shape, np.float32(1e3), dtype=np.float32)
@@ -1432,13 +1431,7 @@ def write_cohort(root: str | Path, n_labelled: int, n_unlabelled: int, n_validat
                     f"{VALIDATION_DIR}/images", f"{VALIDATION_DIR}/labels", TRUTH_DIR):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
         jobs = [(str(tmp), *j) for j in jobs_spec]
-        if processes > 1 and len(jobs) > 1:
-            # spawn: forking a process that runs BLAS/torch threads can deadlock
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(int(processes), len(jobs)), mp_context=ctx) as ex:
-                cases = list(ex.map(_write_one, jobs))
-        else:
-            cases = [_write_one(j) for j in jobs]
+        cases = map_processes(_write_one, jobs, processes)
         doc = dict(generator="flare_utils.phantom", calibration=CALIBRATION_SOURCE,
                    orientation=p.axcodes, request=request, cases=cases)
         (tmp / "cohort.json").write_text(json.dumps(doc, indent=1))

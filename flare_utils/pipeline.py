@@ -17,6 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from .errors import FlareInputError
+from .io import atomic_write_text
 from .params import StudyParams, load_params
 from .paths import NOTEBOOK_DIR, RunLayout, nnunet_env
 
@@ -84,11 +85,7 @@ def render_html(notebook: Path) -> Path:
 
     nb = nbformat.read(str(notebook), as_version=4)
     body, _ = HTMLExporter().from_notebook_node(nb)
-    out = notebook.with_suffix(".html")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(notebook.with_suffix(".html"), body)
 
 
 def run_stage(stage: Stage, params: StudyParams, run: RunLayout, *, kernel_name: str = "python3",

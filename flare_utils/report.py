@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from .errors import FlareInputError
-from .io import case_id_from_path, load_nifti
+from .io import atomic_write_text, case_id_from_path, load_nifti
 from .labels import LABELS, ORGANS
 
 NOT_MEASURED = "not measured"     # same text as flare_utils.efficiency.NOT_MEASURED
@@ -93,22 +93,10 @@ def set_slugs(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
 
 def save_table(df: pd.DataFrame, path: str | Path, *, index: bool = True) -> Path:
     """Write a table as CSV atomically (temporary sibling, then rename)."""
-    return _atomic_write_text(Path(path), df.to_csv(index=index))
+    return atomic_write_text(Path(path), df.to_csv(index=index))
 
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
