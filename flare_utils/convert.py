@@ -146,7 +146,9 @@ class Flare22Layout:
         `labelsTr`) folder. Unlabelled set: every `FLARE22_Unlabel*Case*` or `Unlabel*` folder in
         `Training/` or `root` (its images directly inside or in `images/`). Validation set:
         `Validation/` (preferred) or `Tuning/`, images in `images/` or directly inside, labels in
-        `labels/` when present. Folder names match case-insensitively.
+        `labels/` when present. Folder names match case-insensitively. Optional (unlabelled and
+        validation) folders that hold no NIfTI file are treated as absent; an empty folder passed
+        explicitly to `Flare22Layout(...)` is still an error.
         """
         root = Path(root)
         if not root.is_dir():
@@ -173,7 +175,7 @@ class Flare22Layout:
                         "Training/Unlabel*", "Unlabel*"):
             for cand in _match_dirs(root, pattern):
                 img = _first_child_dir(cand, ("images",)) or cand
-                if img not in unlabelled:
+                if img not in unlabelled and _holds_nifti(img):
                     unlabelled.append(img)
 
         val_img = val_lab = None
@@ -183,6 +185,8 @@ class Flare22Layout:
                 cand = cands[0]
                 val_img = _first_child_dir(cand, ("images", "imagesTs")) or cand
                 val_lab = _first_child_dir(cand, ("labels", "labelsTs"))
+                if not _holds_nifti(val_img):
+                    val_img = val_lab = None
                 break
         return cls(labelled[0], labelled[1], tuple(unlabelled) or None, val_img, val_lab)
 
@@ -202,6 +206,10 @@ def _match_dirs(root: Path, pattern: str) -> list[Path]:
             nxt.extend(c for c in children if fnmatch.fnmatch(c.name.lower(), part.lower()))
         current = nxt
     return current
+
+
+def _holds_nifti(folder: Path) -> bool:
+    return any(_strip_ext(f.name) is not None for f in folder.iterdir() if f.is_file())
 
 
 def _first_child_dir(folder: Path, names: Sequence[str]) -> Path | None:

@@ -41,3 +41,12 @@ def test_convert_masks_and_dicom_on_real_data(tmp_path, real_ct, real_dicom_seri
     assert r.returncode == 0, r.stderr
     img, geom = read_array(ct)
     assert img.shape == (512, 512, 20) and np.isclose(geom.spacing[2], 2.0, atol=0.01)
+
+
+def test_cohort_without_validation_cases_converts(tmp_path):
+    from flare_utils.convert import convert_flare22
+    from flare_utils.phantom import write_cohort
+    write_cohort(tmp_path / "c", 2, 0, 0, preset="tiny")
+    res = convert_flare22(tmp_path / "c", tmp_path / "raw", 9, "NoVal")
+    assert len(list((res.dataset_dir / "imagesTr").iterdir())) == 2
+    assert not list((res.dataset_dir).glob("imagesTs/*.nii.gz"))
