@@ -1,12 +1,13 @@
 """Where a run keeps things, and nnU-Net's three folders for it.
 
-nnU-Net v2 reads nnUNet_raw / nnUNet_preprocessed / nnUNet_results from the environment when
-`nnunetv2.paths` is first imported, so `use_nnunet_folders` must run before that import.
+nnU-Net v2 (2.8) keeps lazy path objects in `nnunetv2.paths` that read nnUNet_raw /
+nnUNet_preprocessed / nnUNet_results from the environment at every use, so setting the
+environment is all it takes, before or after nnunetv2 is imported. (Older nnU-Net releases read
+them once at import: there, call `use_nnunet_folders` before importing nnunetv2.)
 """
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,12 +47,8 @@ def nnunet_env(run_dir: str | Path) -> dict[str, str]:
 
 
 def use_nnunet_folders(run_dir: str | Path) -> RunLayout:
-    """Point nnU-Net at this run's folders (before nnunetv2 is imported) and create them."""
+    """Point nnU-Net at this run's folders (through the environment) and create them."""
     env = nnunet_env(run_dir)
-    if "nnunetv2.paths" in sys.modules:
-        import nnunetv2.paths as p  # already imported: its module globals must follow too
-        p.nnUNet_raw, p.nnUNet_preprocessed, p.nnUNet_results = (
-            env["nnUNet_raw"], env["nnUNet_preprocessed"], env["nnUNet_results"])
     for k, v in env.items():
         os.environ[k] = v
         Path(v).mkdir(parents=True, exist_ok=True)

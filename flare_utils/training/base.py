@@ -1,0 +1,358 @@
+"""`FlareTrainer`: the base of every FLARE trainer, a thin subclass of nnU-Net v2's `nnUNetTrainer`.
+
+What it adds to the stock trainer (everything else - network, augmentation, poly lr, deep
+supervision, checkpoints, final validation - is nnU-Net's own code):
+
+* configuration: budget, device, seed, CPU settings, loss, mirroring, transfer init and freezing come
+  from a `TrainingConfig` read from the JSON file named by `FLARE_TRAINING_CONFIG` (defaults
+  without it), so the identical trainer runs from `flare_utils.training.train()` and from the stock
+  `nnUNetv2_train ... -tr FlareTeacherTrainer`. The constructor signature stays nnU-Net's
+  `(plans, configuration, fold, dataset_json, device)`; the effective configuration is written
+  to `<fold folder>/flare_training_config.json` when training starts.
+* device: `config.device` "auto" keeps nnU-Net's device when present, else cuda -> mps -> cpu.
+  CUDA keeps nnU-Net's fp16 autocast + GradScaler path; CPU/MPS run in fp32 (nnU-Net's rule).
+* seeding: python `random`, numpy and torch are seeded in `__init__`, before the network is built
+  (`initialize`) and before the data loaders are made; augmentation worker processes get
+  seed-derived numpy and torch seeds and nnU-Net's order-preserving `MultiThreadedAugmenter`
+  (`n_proc_da` = 0 runs augmentation in the main process).
+* CPU: `num_threads` (torch), `n_proc_da` (default: nnU-Net's value, at most 1 on CPU),
+  `export_processes` (final-validation export/metric pools; nnU-Net's default is 8).
+* loss: Dice+CE (default), Dice only or CE only, always nnU-Net's `DC_and_CE_loss` (weights 1/1,
+  0/1, 1/0) inside nnU-Net's `DeepSupervisionWrapper`.
+* mirroring: class attribute `default_mirroring` (overridable by the config). When off, mirroring
+  is removed from the training augmentation AND `inference_allowed_mirroring_axes` is None, which
+  the checkpoint carries to nnU-Net's predictor (no test-time mirroring).
+* transfer learning: `init_checkpoint` (matching keys and shapes are loaded, the rest reported in
+  `<fold folder>/flare_transfer_init.json`), `freeze_encoder_stages` (requires_grad False and left
+  out of the optimizer).
+
+Extension points for subclasses (pseudo-label, noisy-student, cross-pseudo-supervision trainers):
+
+* `config_class`: a `TrainingConfig` subclass with extra fields; read from the same JSON file.
+* `default_mirroring`: class default for mirroring.
+* `apply_config()`: copies config values onto trainer attributes after nnU-Net's `__init__`;
+  extend (call super) to set more.
+* `after_network_built()`: runs inside `initialize()` once the network exists (transfer init,
+  freezing); a CPS trainer builds its second network here.
+* `configure_optimizers()`: SGD nesterov 0.99 + poly lr over the trainable parameters only.
+* `build_loss_module()`: the per-output loss (before deep-supervision wrapping); `_build_loss`
+  wraps it.
+* `get_tr_and_val_datasets()` (nnU-Net's): add pseudo-labelled cases to the training set.
+* `make_dataloader(dataset, patch_size, final_patch_size, transforms, train)`: returns the
+  nnU-Net data loader of one split; replace for mixed labelled/pseudo-labelled batches (e.g. 1:3).
+* `get_training_transforms(...)` (nnU-Net's static method): stronger augmentation for a noisy student.
+* `train_step(batch)` (nnU-Net's): e.g. the CPS loss; keep returning {'loss': ndarray}.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+from ..errors import FlareInputError
+from .config import CONFIG_FILE_NAME, TrainingConfig
+from .transfer import freeze_encoder_stages, load_transfer_weights, unwrap
+
+__all__ = ["FlareTrainer", "resolve_device", "seed_everything"]
+
+_stock_trainer_module = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
+
+LOSS_WEIGHTS = {"dice_ce": (1.0, 1.0), "dice": (0.0, 1.0), "ce": (1.0, 0.0)}  # (ce, dice)
+TRANSFER_REPORT_NAME = "flare_transfer_init.json"
+
+
+def seed_everything(seed: int | None) -> None:
+    """Seed python `random`, numpy's global RNG and torch (CPU and all CUDA devices)."""
+    if seed is None:
+        return
+    seed = int(seed) % (2 ** 32)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def resolve_device(requested: str, passed: torch.device | str | None = None) -> torch.device:
+    """The torch device for a config's `device` and the one nnU-Net passed.
+
+    "auto": `passed` (default cuda) if it exists, else cuda -> mps -> cpu. An explicitly requested
+    device that does not exist is a FlareInputError.
+    """
+    if requested not in ("auto", "cpu", "cuda", "mps"):
+        raise FlareInputError(None, f"device must be auto, cpu, cuda or mps, got {requested!r}")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available()}
+    if requested != "auto":
+        if not available[requested]:
+            raise FlareInputError(None, f"device {requested!r} requested but not available on this machine")
+        return torch.device(requested)
+    want = torch.device(passed).type if passed is not None else "cuda"
+    if available.get(want, False):
+        return torch.device(want)
+    for t in ("cuda", "mps", "cpu"):
+        if available[t]:
+            return torch.device(t)
+    return torch.device("cpu")
+
+
+class _WorkerSeeding:
+    """Wraps a batchgenerators data loader so that each augmentation worker seeds torch and
+    `random` from (base seed, worker id) and uses one torch thread; numpy is seeded by the
+    augmenter itself. Everything else is forwarded to the wrapped loader."""
+
+    def __init__(self, loader, base_seed: int | None):
+        self._loader = loader
+        self._base_seed = base_seed
+
+    def set_thread_id(self, thread_id: int) -> None:
+        torch.set_num_threads(1)
+        if self._base_seed is not None:
+            s = (int(self._base_seed) * 1000 + 7919 * (int(thread_id) + 1)) % (2 ** 32)
+            torch.manual_seed(s)
+            random.seed(s)
+        self._loader.set_thread_id(thread_id)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._loader)
+
+    def next(self):
+        return next(self._loader)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class FlareTrainer(nnUNetTrainer):
+    """nnU-Net v2 trainer configured by a `TrainingConfig` (see module docstring)."""
+
+    config_class: type[TrainingConfig] = TrainingConfig
+    default_mirroring: bool = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        cfg = self.load_training_config()
+        device = resolve_device(cfg.device, device)
+        if cfg.num_threads is not None and device.type == "cpu":
+            torch.set_num_threads(int(cfg.num_threads))
+        seed_everything(cfg.seed)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.flare_config = cfg
+        self.transfer_report = None
+        self.frozen_parameters: list[str] = []
+        self.apply_config()
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def load_training_config(cls) -> TrainingConfig:
+        """The config from FLARE_TRAINING_CONFIG (or defaults), as `cls.config_class`."""
+        return cls.config_class.from_env()
+
+    def apply_config(self) -> None:
+        c = self.flare_config
+        self.num_epochs = int(c.num_epochs)
+        self.num_iterations_per_epoch = int(c.num_iterations_per_epoch)
+        self.num_val_iterations_per_epoch = int(c.num_val_iterations_per_epoch)
+        self.initial_lr = float(c.initial_lr)
+        self.weight_decay = float(c.weight_decay)
+        self.oversample_foreground_percent = float(c.oversample_foreground_percent)
+        self.save_every = int(c.save_every)
+        if c.loss not in LOSS_WEIGHTS:
+            raise FlareInputError(None, f"unknown loss {c.loss!r}; known: {sorted(LOSS_WEIGHTS)}")
+        self.print_to_log_file(f"{type(self).__name__}: FLARE training configuration "
+                               f"{json.dumps(c.to_dict())}", also_print_to_console=False)
+
+    @property
+    def mirroring_enabled(self) -> bool:
+        m = self.flare_config.mirroring
+        return self.default_mirroring if m is None else bool(m)
+
+    @property
+    def n_proc_da(self) -> int:
+        """Augmentation worker processes: config, else nnU-Net's (at most 1 on CPU)."""
+        if self.flare_config.n_proc_da is not None:
+            return int(self.flare_config.n_proc_da)
+        n = get_allowed_n_proc_DA()
+        return min(n, 1) if self.device.type == "cpu" else n
+
+    @property
+    def export_processes(self) -> int:
+        if self.flare_config.export_processes is not None:
+            return int(self.flare_config.export_processes)
+        return max(1, min(2, os.cpu_count() or 1))
+
+    def _do_i_compile(self):
+        c = getattr(self, "flare_config", None)
+        if c is None or c.compile is None:
+            return super()._do_i_compile()
+        return bool(c.compile) and self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ network / optimizer
+    def initialize(self):
+        seed_everything(self.flare_config.seed)
+        super().initialize()
+        self.after_network_built()
+
+    def after_network_built(self) -> None:
+        """Transfer init and freezing, once nnU-Net has built the network and optimizer."""
+        c = self.flare_config
+        if c.init_checkpoint:
+            self.transfer_report = load_transfer_weights(self.network, c.init_checkpoint, c.init_exclude)
+            self.transfer_report.save(Path(self.output_folder) / TRANSFER_REPORT_NAME)
+            self.print_to_log_file(self.transfer_report.summary())
+        if c.freeze_encoder_stages:
+            self.frozen_parameters = freeze_encoder_stages(self.network, c.freeze_encoder_stages)
+            n = sum(p.numel() for p in unwrap(self.network).parameters() if not p.requires_grad)
+            self.print_to_log_file(f"froze the first {c.freeze_encoder_stages} encoder stages "
+                                   f"({len(self.frozen_parameters)} tensors, {n} parameters)")
+            # rebuild the optimizer without the frozen parameters
+            self.optimizer, self.lr_scheduler = self.configure_optimizers()
+
+    def configure_optimizers(self):
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        lr_scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return optimizer, lr_scheduler
+
+    # ------------------------------------------------------------------ loss
+    def build_loss_module(self) -> torch.nn.Module:
+        w_ce, w_dice = LOSS_WEIGHTS[self.flare_config.loss]
+        return DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
+                               "do_bg": False, "ddp": self.is_ddp}, {}, weight_ce=w_ce, weight_dice=w_dice,
+                              ignore_label=self.label_manager.ignore_label,
+                              dice_class=MemoryEfficientSoftDiceLoss)
+
+    def _build_loss(self):
+        if self.label_manager.has_regions:
+            if self.flare_config.loss != "dice_ce":
+                raise FlareInputError(None, "region-based training supports only loss 'dice_ce'")
+            return super()._build_loss()
+        loss = self.build_loss_module()
+        if self._do_i_compile() and hasattr(loss, "dc"):
+            loss.dc = torch.compile(loss.dc)
+        if self.enable_deep_supervision:
+            scales = self._get_deep_supervision_scales()
+            weights = np.array([1 / (2 ** i) for i in range(len(scales))])
+            weights[-1] = 1e-6 if (self.is_ddp and not self._do_i_compile()) else 0
+            loss = DeepSupervisionWrapper(loss, weights / weights.sum())
+        return loss
+
+    # ------------------------------------------------------------------ augmentation / data
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rot, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.mirroring_enabled:
+            mirror_axes = None
+            self.inference_allowed_mirroring_axes = None
+        return rot, dummy_2d, initial_patch_size, mirror_axes
+
+    def make_dataloader(self, dataset, patch_size, final_patch_size, transforms, train: bool):
+        """nnU-Net's data loader for one split (override for custom sampling)."""
+        return nnUNetDataLoader(dataset, self.batch_size, patch_size, final_patch_size, self.label_manager,
+                                oversample_foreground_percent=self.oversample_foreground_percent,
+                                sampling_probabilities=None, pad_sides=None, transforms=transforms,
+                                probabilistic_oversampling=self.probabilistic_oversampling)
+
+    def get_dataloaders(self):
+        cm, lm = self.configuration_manager, self.label_manager
+        ds_scales = self._get_deep_supervision_scales()
+        rot, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        regions = lm.foreground_regions if lm.has_regions else None
+        tr_transforms = self.get_training_transforms(
+            cm.patch_size, rot, ds_scales, mirror_axes, dummy_2d, use_mask_for_norm=cm.use_mask_for_norm,
+            is_cascaded=self.is_cascaded, foreground_labels=lm.foreground_labels, regions=regions,
+            ignore_label=lm.ignore_label)
+        val_transforms = self.get_validation_transforms(ds_scales, is_cascaded=self.is_cascaded,
+                                                        foreground_labels=lm.foreground_labels,
+                                                        regions=regions, ignore_label=lm.ignore_label)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        seed = self.flare_config.seed
+        seed_everything(None if seed is None else seed + 1)
+        dl_tr = self.make_dataloader(dataset_tr, initial_patch_size, cm.patch_size, tr_transforms, train=True)
+        dl_val = self.make_dataloader(dataset_val, cm.patch_size, cm.patch_size, val_transforms, train=False)
+
+        n = self.n_proc_da
+        self.print_to_log_file(f"data augmentation processes: {n}", also_print_to_console=False)
+        if n == 0:
+            mt_train, mt_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+        else:
+            pin = self.device.type == "cuda"
+            n_val = max(1, n // 2)
+            if seed is not None:   # order-preserving, seeded workers
+                mt_train = MultiThreadedAugmenter(_WorkerSeeding(dl_tr, seed + 11), None, n, max(2, n // 2),
+                                                  seeds=[(seed + 11) * 100 + i for i in range(n)],
+                                                  pin_memory=pin, wait_time=0.002)
+                mt_val = MultiThreadedAugmenter(_WorkerSeeding(dl_val, seed + 23), None, n_val, 2,
+                                                seeds=[(seed + 23) * 100 + i for i in range(n_val)],
+                                                pin_memory=pin, wait_time=0.002)
+            else:
+                mt_train = NonDetMultiThreadedAugmenter(dl_tr, None, n, max(6, n // 2), seeds=None,
+                                                        pin_memory=pin, wait_time=0.002)
+                mt_val = NonDetMultiThreadedAugmenter(dl_val, None, n_val, max(3, n // 4), seeds=None,
+                                                      pin_memory=pin, wait_time=0.002)
+        _ = next(mt_train)
+        _ = next(mt_val)
+        return mt_train, mt_val
+
+    # ------------------------------------------------------------------ run hooks
+    def on_train_start(self):
+        super().on_train_start()
+        self.flare_config.save(Path(self.output_folder) / CONFIG_FILE_NAME)
+
+    def on_train_end(self):
+        super().on_train_end()
+        # nnU-Net shuts only multi-process augmenters down; drop references either way
+        self.dataloader_train = self.dataloader_val = None
+
+    @contextlib.contextmanager
+    def _export_processes(self):
+        """nnU-Net's final validation sizes its spawn pools by the module global
+        `default_num_processes` (8 unless nnUNet_def_n_proc was set before import)."""
+        mod = _stock_trainer_module
+        old = mod.default_num_processes
+        mod.default_num_processes = self.export_processes
+        try:
+            yield
+        finally:
+            mod.default_num_processes = old
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        vm = self.flare_config.validation_mirroring
+        saved_axes = self.inference_allowed_mirroring_axes
+        if vm is False:
+            self.inference_allowed_mirroring_axes = None
+        try:
+            with self._export_processes():
+                super().perform_actual_validation(save_probabilities)
+        finally:
+            self.inference_allowed_mirroring_axes = saved_axes
+
+    # ------------------------------------------------------------------ helpers
+    def flare_info(self) -> dict[str, Any]:
+        """What this trainer is running with (for reports)."""
+        return {"trainer": type(self).__name__, "device": str(self.device),
+                "mirroring": self.mirroring_enabled, "n_proc_da": self.n_proc_da,
+                "frozen_parameters": len(self.frozen_parameters), "config": self.flare_config.to_dict()}

@@ -1,0 +1,689 @@
+"""Pseudo-label aware training: labelled + pseudo-labelled cases in one nnU-Net run.
+
+Trainers (nnU-Net v2 trainer classes, `nnUNetv2_train ... -tr NAME` once registered):
+
+* `FlarePseudoLabelTrainer` - a `FlareTrainer` (teacher defaults: mirroring on) whose training set
+  is the fold's labelled training cases PLUS every selected pseudo-labelled case; a fixed share of
+  each minibatch is pseudo-labelled (`pseudo_share`). Used for the iterative pseudo-labelling rounds.
+* `FlarePseudoStudentTrainer` - the same with mirroring off (augmentation and test-time), the
+  FLARE22 student recipe.
+
+Configuration (`PseudoLabelConfig`, a `TrainingConfig` read from FLARE_TRAINING_CONFIG)::
+
+    selection_file        JSON selection file (format below); required to train
+    pseudo_share          share of pseudo-labelled samples in EVERY minibatch (default 0.5; the
+                          noisy student uses 0.75 = labelled:pseudo 1:3); null: no fixed share,
+                          cases are drawn uniformly from labelled + pseudo cases together
+    batch_size            minibatch size (null: the plan's)
+    preprocess_processes  processes for preprocessing the pseudo cases (default 1)
+
+Selection file
+--------------
+The selection stage writes (`write_selection_file`) and the trainers read (`read_selection_file`)::
+
+    {
+      "format": "flare_utils.pseudo_selection/1",
+      "cases": ["Case_00001", "Case_00007"],          # case ids, unique, non-empty
+      "images_folder": "/run/nnUNet_raw/Dataset501_FLARE22/imagesUnlabelled",
+      "labels_folder": "/run/pseudo_labels/round_3",   # null: images only (CPS)
+      "file_ending": ".nii.gz",
+      "num_channels": 1,
+      "meta": {...}                                    # free form (threshold, scores, round)
+    }
+
+Images are `<images_folder>/<case>_<cccc><file_ending>` (one file per channel, `_0000` for CT),
+label maps `<labels_folder>/<case><file_ending>` on the image grid with values among the dataset's
+labels. Relative folders are relative to the selection file's folder. Reading checks everything
+before any training: case ids without images in `images_folder` ("unknown case ids") and cases
+without a pseudo label file are FlareInputErrors naming them; so are ids that are also labelled
+training cases of the dataset.
+
+Preprocessing (cached)
+----------------------
+Pseudo-labelled cases are preprocessed by nnU-Net's own preprocessor of the plan
+(`configuration_manager.preprocessor_class`, i.e. `DefaultPreprocessor.run_case`: transpose, crop
+to non-zero, normalise with the plan's intensity statistics, resample to the plan's spacing,
+foreground locations for oversampling) and written as nnU-Net's blosc2 cases into::
+
+    <nnUNet_preprocessed>/<Dataset>/<data_identifier>_pseudo/<key>/<case>.b2nd|_seg.b2nd|.pkl
+    <nnUNet_preprocessed>/<Dataset>/<data_identifier>_pseudo/<key>.json      (what it holds)
+
+`<key>` hashes the plan (configuration, transpose, intensity statistics), the labels, the case list
+and every input file's path, size and modification time, so a new selection round or rewritten
+pseudo labels get a new folder, and an unchanged one is reused at once. The folder is built in a
+temporary sibling and renamed into place: it is complete whenever it exists, and concurrent folds
+do not clash. Old keys are not deleted automatically (`pseudo_cache_folders` lists them).
+Unlabelled images (CPS) are preprocessed the same way without labels into `<data_identifier>_unlabelled/`.
+
+Folds and validation
+--------------------
+Pseudo cases never appear in `splits_final.json`: `do_split` (and so nnU-Net's validation and
+final validation) sees only labelled cases, and `get_tr_and_val_datasets` adds ALL pseudo cases to
+every fold's training set. Pseudo case ids must differ from labelled ids (checked).
+
+Minibatch composition
+---------------------
+`MixedBatchDataLoader` draws the two kinds separately for every batch: `n_pseudo` pseudo samples
+and `batch_size - n_pseudo` labelled ones, each uniformly with replacement from its own kind, at
+positions shuffled per batch; patches, oversampling and augmentation are nnU-Net's
+(`nnUNetDataLoader.generate_train_batch`, foreground oversampling by batch position as in nnU-Net).
+Rounding (`secondary_count`): n_pseudo = floor(share * batch_size + 0.5) (round half up), then,
+for 0 < share < 1, clamped to [1, batch_size - 1] so that every batch holds both kinds; share 0
+gives no pseudo sample, share 1 only pseudo samples. Examples: share 0.75 -> 3 of 4, 6 of 8, 2 of
+3, 1 of 2 (batch size 2 cannot hold 1:3: use `batch_size` 4 for the noisy-student recipe); share
+0.5 -> 1 of 2, 2 of 4, 2 of 3. The count is identical in every batch; batches carry a boolean
+`secondary` array (True = pseudo case) beside nnU-Net's `keys`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+from ..errors import FlareInputError
+from .base import FlareTrainer
+from .config import TrainingConfig
+
+__all__ = [
+    "SELECTION_FORMAT",
+    "CombinedDataset",
+    "FlarePseudoLabelTrainer",
+    "FlarePseudoStudentTrainer",
+    "MixedBatchDataLoader",
+    "PseudoLabelConfig",
+    "PseudoSelection",
+    "prepare_pseudo_cases",
+    "preprocess_selection",
+    "pseudo_cache_folders",
+    "read_selection_file",
+    "secondary_count",
+    "unlabelled_selection",
+    "write_selection_file",
+]
+
+SELECTION_FORMAT = "flare_utils.pseudo_selection/1"
+PSEUDO_INFO_NAME = "flare_pseudo_cases.json"   # written into the fold folder
+_CACHE_VERSION = 1
+_SELECTION_KEYS = {"format", "cases", "images_folder", "labels_folder", "file_ending", "num_channels", "meta"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection file
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PseudoSelection:
+    """Pseudo-labelled (or unlabelled) cases: ids, where their images and label maps are."""
+    cases: tuple[str, ...]
+    images_folder: Path
+    labels_folder: Path | None
+    file_ending: str = ".nii.gz"
+    num_channels: int = 1
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None          # the selection file it was read from
+
+    def image_files(self, case: str) -> list[Path]:
+        return [self.images_folder / f"{case}_{c:04d}{self.file_ending}" for c in range(self.num_channels)]
+
+    def label_file(self, case: str) -> Path | None:
+        return None if self.labels_folder is None else self.labels_folder / f"{case}{self.file_ending}"
+
+    def without_labels(self) -> PseudoSelection:
+        return PseudoSelection(self.cases, self.images_folder, None, self.file_ending, self.num_channels,
+                               dict(self.meta), self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": SELECTION_FORMAT, "cases": list(self.cases), "images_folder": str(self.images_folder),
+                "labels_folder": None if self.labels_folder is None else str(self.labels_folder),
+                "file_ending": self.file_ending, "num_channels": self.num_channels, "meta": self.meta}
+
+    def check_files(self, require_labels: bool = True) -> PseudoSelection:
+        """FlareInputError naming the case ids without images and those without label files."""
+        where = self.path
+        if not self.images_folder.is_dir():
+            raise FlareInputError(where, f"images_folder {self.images_folder} does not exist")
+        unknown = [c for c in self.cases if not all(f.is_file() for f in self.image_files(c))]
+        if unknown:
+            raise FlareInputError(where, f"unknown case id(s) {_short(unknown)}: no image "
+                                         f"<case>_0000{self.file_ending} in {self.images_folder}")
+        if require_labels:
+            if self.labels_folder is None:
+                raise FlareInputError(where, "labels_folder is null: pseudo-label training needs label maps")
+            if not self.labels_folder.is_dir():
+                raise FlareInputError(where, f"labels_folder {self.labels_folder} does not exist")
+            missing = [c for c in self.cases if not self.label_file(c).is_file()]
+            if missing:
+                raise FlareInputError(where, f"missing pseudo label file(s) for case(s) {_short(missing)} "
+                                             f"in {self.labels_folder} (expected <case>{self.file_ending})")
+        return self
+
+
+def _short(ids: Sequence[str], n: int = 20) -> str:
+    ids = list(ids)
+    return str(ids[:n]) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
+
+
+def _check_case_list(cases, where) -> tuple[str, ...]:
+    if isinstance(cases, str) or not isinstance(cases, (list, tuple)):
+        raise FlareInputError(where, "'cases' must be a list of case ids")
+    bad = [c for c in cases if not isinstance(c, str) or not c or "/" in c or "\\" in c]
+    if bad:
+        raise FlareInputError(where, f"invalid case id(s) {_short([repr(b) for b in bad])}")
+    dup = sorted({c for c in cases if cases.count(c) > 1})
+    if dup:
+        raise FlareInputError(where, f"case id(s) listed twice: {_short(dup)}")
+    if not cases:
+        raise FlareInputError(where, "the selection holds no case")
+    return tuple(cases)
+
+
+def write_selection_file(path: str | Path, cases: Iterable[str], labels_folder: str | Path | None,
+                         images_folder: str | Path, *, file_ending: str = ".nii.gz", num_channels: int = 1,
+                         meta: Mapping[str, Any] | None = None, check: bool = True) -> Path:
+    """Write a selection file (format in the module docstring); folders are stored as absolute
+    paths. With `check` every image and label file must exist (FlareInputError otherwise).
+    Written atomically."""
+    path = Path(path)
+    sel = PseudoSelection(_check_case_list(list(cases), path), Path(images_folder).resolve(),
+                          None if labels_folder is None else Path(labels_folder).resolve(),
+                          file_ending, int(num_channels), dict(meta or {}), path)
+    if check:
+        sel.check_files(require_labels=labels_folder is not None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(sel.to_dict(), indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_selection_file(path: str | Path, *, check_files: bool = True, require_labels: bool = True,
+                        labelled_cases: Iterable[str] | None = None) -> PseudoSelection:
+    """Read and validate a selection file.
+
+    check_files: every case needs its image(s) (else "unknown case id(s)") and, with
+    `require_labels`, its pseudo label file (else "missing pseudo label file(s)").
+    labelled_cases: the dataset's labelled ids; a selected id among them is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FlareInputError(path, "selection file not found")
+    try:
+        d = json.loads(path.read_text())
+    except ValueError as e:
+        raise FlareInputError(path, f"not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise FlareInputError(path, "a selection file must be a JSON object")
+    unknown_keys = sorted(set(d) - _SELECTION_KEYS)
+    if unknown_keys:
+        raise FlareInputError(path, f"unknown key(s) {unknown_keys}; allowed: {sorted(_SELECTION_KEYS)}")
+    if d.get("format", SELECTION_FORMAT) != SELECTION_FORMAT:
+        raise FlareInputError(path, f"format {d.get('format')!r} is not {SELECTION_FORMAT!r}")
+    for k in ("cases", "images_folder"):
+        if k not in d:
+            raise FlareInputError(path, f"missing key {k!r}")
+    cases = _check_case_list(d["cases"], path)
+
+    def folder(v):
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v:
+            raise FlareInputError(path, f"folders must be strings, got {v!r}")
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else (path.parent / p).resolve()
+
+    file_ending = d.get("file_ending", ".nii.gz")
+    num_channels = d.get("num_channels", 1)
+    if not isinstance(file_ending, str) or not file_ending.startswith("."):
+        raise FlareInputError(path, f"file_ending must start with '.', got {file_ending!r}")
+    if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+        raise FlareInputError(path, f"num_channels must be a positive integer, got {num_channels!r}")
+    meta = d.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise FlareInputError(path, "meta must be a JSON object")
+    sel = PseudoSelection(cases, folder(d["images_folder"]), folder(d.get("labels_folder")), file_ending,
+                          num_channels, meta, path)
+    if labelled_cases is not None:
+        clash = sorted(set(cases) & set(map(str, labelled_cases)))
+        if clash:
+            raise FlareInputError(path, f"case id(s) {_short(clash)} are labelled training cases of the dataset; "
+                                        f"pseudo-labelled cases must come from the unlabelled set")
+    if check_files:
+        sel.check_files(require_labels)
+    elif require_labels and sel.labels_folder is None:
+        raise FlareInputError(path, "labels_folder is null: pseudo-label training needs label maps")
+    return sel
+
+
+def unlabelled_selection(raw_dataset_folder: str | Path, cases: Iterable[str] | None = None,
+                         max_cases: int | None = None, images_folder: str | Path | None = None,
+                         dataset_json: Mapping[str, Any] | None = None) -> PseudoSelection:
+    """The unlabelled images of a raw nnU-Net dataset (no labels) as a selection.
+
+    `images_folder` default: `<raw dataset>/<dataset.json "unlabelled_folder" or imagesUnlabelled>`.
+    `cases`: a subset (ids checked); `max_cases`: the first N ids (sorted)."""
+    raw = Path(raw_dataset_folder)
+    dj = dict(dataset_json) if dataset_json is not None else (
+        json.loads((raw / "dataset.json").read_text()) if (raw / "dataset.json").is_file() else {})
+    ending = dj.get("file_ending", ".nii.gz")
+    n_ch = len(dj.get("channel_names", {"0": "CT"}))
+    folder = Path(images_folder) if images_folder else raw / dj.get("unlabelled_folder", "imagesUnlabelled")
+    if not folder.is_dir():
+        raise FlareInputError(folder, "unlabelled images folder not found")
+    suffix = f"_0000{ending}"
+    available = sorted(f.name[:-len(suffix)] for f in folder.iterdir() if f.name.endswith(suffix))
+    if cases is not None:
+        wanted = _check_case_list(list(cases), folder)
+        unknown = [c for c in wanted if c not in set(available)]
+        if unknown:
+            raise FlareInputError(folder, f"unknown case id(s) {_short(unknown)}: not among the unlabelled images")
+        available = list(wanted)
+    if max_cases is not None:
+        available = available[:int(max_cases)]
+    if not available:
+        raise FlareInputError(folder, f"no unlabelled image (*{suffix}) found")
+    return PseudoSelection(tuple(available), folder, None, ending, n_ch, {}, None).check_files(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing with nnU-Net's preprocessor (cached)
+# ----------------------------------------------------------------------------------------------
+
+def _file_id(p: Path) -> list:
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _cache_key(sel: PseudoSelection, plans: Mapping[str, Any], configuration_dict: Mapping[str, Any],
+               dataset_json: Mapping[str, Any], with_labels: bool) -> str:
+    ident = {
+        "version": _CACHE_VERSION,
+        "with_labels": with_labels,
+        "plans": {k: plans.get(k) for k in ("plans_name", "transpose_forward", "image_reader_writer",
+                                            "foreground_intensity_properties_per_channel")},
+        "configuration": configuration_dict,
+        "labels": dataset_json.get("labels"),
+        "regions_class_order": dataset_json.get("regions_class_order"),
+        "channels": dataset_json.get("channel_names"),
+        "cases": [[c, [_file_id(f) for f in sel.image_files(c)],
+                   _file_id(sel.label_file(c)) if with_labels else None] for c in sel.cases],
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pseudo_cache_folders(preprocessed_dataset_folder: str | Path, data_identifier: str,
+                         kind: Literal["pseudo", "unlabelled"] = "pseudo") -> list[Path]:
+    """All cached preprocessed selections of one data identifier (newest last)."""
+    root = Path(preprocessed_dataset_folder) / f"{data_identifier}_{kind}"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.stat().st_mtime)
+
+
+def _allowed_labels(dataset_json: Mapping[str, Any]) -> set[int]:
+    vals: set[int] = set()
+    for v in dataset_json["labels"].values():
+        vals.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+    return vals
+
+
+def _empty_class_locations(label_manager) -> dict:
+    keys = list(label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels)
+    keys = [tuple(k) if isinstance(k, list) else k for k in keys]
+    if label_manager.has_ignore_label:
+        keys.append(tuple([-1] + label_manager.all_labels))
+    return {k: np.zeros((0, 4), dtype=np.int64) for k in keys}
+
+
+def _preprocess_one(case: str, image_files: list[str], label_file: str | None, out_trunc: str,
+                    plans: dict, configuration: str, dataset_json: dict) -> None:
+    """One case through nnU-Net's preprocessor of the plan, saved as nnU-Net saves it
+    (`DefaultPreprocessor.run_case_save`: blosc2 with patch-aware chunks)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import (
+        comp_blosc2_params,
+        nnUNetDatasetBlosc2,
+    )
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    pp = cm.preprocessor_class(verbose=False)
+    try:
+        data, seg, props = pp.run_case(image_files, label_file, pm, cm, dataset_json)
+    except AssertionError as e:   # nnU-Net asserts image/label shape agreement
+        raise FlareInputError(label_file or image_files[0], f"case {case}: {e}") from None
+    if label_file is not None:
+        bad = sorted(set(np.unique(seg).tolist()) - _allowed_labels(dataset_json) - {-1})
+        if bad:
+            raise FlareInputError(label_file, f"case {case}: label value(s) {bad[:10]} are not labels of the dataset")
+    else:
+        props["class_locations"] = _empty_class_locations(pm.get_label_manager(dataset_json))
+    data = data.astype(np.float32, copy=False)
+    seg = seg.astype(np.int16, copy=False)
+    patch = tuple(cm.patch_size)
+    block_d, chunk_d = comp_blosc2_params(data.shape, patch, data.itemsize)
+    block_s, chunk_s = comp_blosc2_params(seg.shape, patch, seg.itemsize)
+    nnUNetDatasetBlosc2.save_case(data, seg, props, out_trunc, chunks=chunk_d, blocks=block_d,
+                                  chunks_seg=chunk_s, blocks_seg=block_s)
+
+
+def preprocess_selection(selection: PseudoSelection, plans: Mapping[str, Any], configuration: str,
+                         dataset_json: Mapping[str, Any], preprocessed_dataset_folder: str | Path,
+                         with_labels: bool = True, processes: int = 1) -> Path:
+    """Preprocess the selected cases for `plans`/`configuration` (cached; see module docstring);
+    returns the folder holding them (an nnU-Net preprocessed data folder)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = {k: v for k, v in dict(plans).items() if k != "continue_training"}
+    cm = PlansManager(plans).get_configuration(configuration)
+    if with_labels:
+        selection.check_files(require_labels=True)
+    kind = "pseudo" if with_labels else "unlabelled"
+    key = _cache_key(selection, plans, cm.configuration, dataset_json, with_labels)
+    root = Path(preprocessed_dataset_folder) / f"{cm.data_identifier}_{kind}"
+    target = root / key
+    if target.is_dir() and all((target / f"{c}.pkl").is_file() for c in selection.cases):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    try:
+        jobs = [(c, [str(f) for f in selection.image_files(c)],
+                 str(selection.label_file(c)) if with_labels else None, str(tmp / c),
+                 plans, configuration, dict(dataset_json)) for c in selection.cases]
+        processes = max(1, min(int(processes), len(jobs)))
+        if processes == 1:
+            for j in jobs:
+                _preprocess_one(*j)
+        else:
+            with multiprocessing.get_context("spawn").Pool(processes) as pool:
+                pool.starmap(_preprocess_one, jobs)
+        info = {"kind": kind, "key": key, "plans": plans.get("plans_name"), "configuration": configuration,
+                "data_identifier": cm.data_identifier, "cases": list(selection.cases),
+                "selection_file": None if selection.path is None else str(selection.path),
+                "images_folder": str(selection.images_folder),
+                "labels_folder": str(selection.labels_folder) if with_labels else None}
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target.is_dir() and all((target / f"{c}.pkl").is_file() for c in selection.cases)):
+                raise
+        (root / f"{key}.json").write_text(json.dumps(info, indent=2))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def prepare_pseudo_cases(dataset: int | str, plans_identifier: str, selection_file: str | Path,
+                         configuration: str = "3d_fullres", processes: int = 1,
+                         run_dir: str | Path | None = None) -> Path:
+    """Read/validate a selection file and preprocess its cases for a dataset's plans (cached):
+    what the pseudo-label trainers do at training start, callable beforehand from a notebook."""
+    from ..plans import _dataset_name
+    from .api import point_nnunet_at
+    point_nnunet_at(run_dir)
+    pre = Path(os.environ["nnUNet_preprocessed"]) / _dataset_name(dataset)
+    plans_file = pre / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        raise FlareInputError(plans_file, "plans file not found (run plan_and_preprocess first)")
+    dj_file = pre / "dataset.json"
+    if not dj_file.is_file():
+        raise FlareInputError(dj_file, "dataset.json not found in the preprocessed dataset folder")
+    plans, dj = json.loads(plans_file.read_text()), json.loads(dj_file.read_text())
+    labelled = _labelled_ids(pre, plans, configuration)
+    sel = read_selection_file(selection_file, labelled_cases=labelled)
+    return preprocess_selection(sel, plans, configuration, dj, pre, True, processes)
+
+
+def _labelled_ids(pre: Path, plans: Mapping[str, Any], configuration: str) -> list[str]:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    folder = pre / PlansManager(dict(plans)).get_configuration(configuration).data_identifier
+    return sorted(f.name[:-4] for f in folder.glob("*.pkl")) if folder.is_dir() else []
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets and the mixed data loader
+# ----------------------------------------------------------------------------------------------
+
+class CombinedDataset:
+    """Several nnU-Net datasets behind one `load_case` (case ids must be disjoint).
+
+    `parts`: {kind: dataset}, e.g. {"labelled": fold training set, "pseudo": pseudo cases}; the
+    first part is the primary (labelled) one. `identifiers` is the union (nnU-Net's loaders use it).
+    """
+
+    def __init__(self, parts: Mapping[str, Any]):
+        self.parts = dict(parts)
+        self._owner: dict[str, str] = {}
+        for kind, ds in self.parts.items():
+            for i in ds.identifiers:
+                if i in self._owner:
+                    raise FlareInputError(None, f"case id {i!r} is both a {self._owner[i]} and a {kind} case")
+                self._owner[i] = kind
+        self.identifiers = sorted(self._owner)
+
+    def kind_of(self, identifier: str) -> str:
+        return self._owner[identifier]
+
+    def identifiers_of(self, kind: str) -> list[str]:
+        return list(self.parts[kind].identifiers)
+
+    def load_case(self, identifier: str):
+        return self.parts[self._owner[identifier]].load_case(identifier)
+
+    def __getitem__(self, identifier):
+        return self.load_case(identifier)
+
+    def __len__(self):
+        return len(self.identifiers)
+
+
+def secondary_count(batch_size: int, share: float) -> int:
+    """Samples of the second kind (pseudo / unlabelled) per batch for a share (module docstring):
+    round half up, then at least one of each kind when 0 < share < 1."""
+    b = int(batch_size)
+    if b < 1:
+        raise FlareInputError(None, f"batch size must be >= 1, got {batch_size}")
+    if not 0.0 <= float(share) <= 1.0:
+        raise FlareInputError(None, f"share must be in [0, 1], got {share}")
+    n = int(math.floor(float(share) * b + 0.5 + 1e-9))   # epsilon: 0.35 * 10 is 3.4999...
+    if 0.0 < share < 1.0 and b >= 2:
+        n = min(max(n, 1), b - 1)
+    return n
+
+
+class MixedBatchDataLoader(nnUNetDataLoader):
+    """nnU-Net's data loader drawing two kinds of cases separately for every batch.
+
+    Each batch holds exactly `n_secondary` samples of `secondary` (pseudo-labelled or unlabelled
+    cases) and `batch_size - n_secondary` of `primary` (labelled cases), each drawn uniformly with
+    replacement from its kind. `layout`: "shuffle" (positions of the kinds shuffled per batch) or
+    "secondary_first" (secondary samples first; nnU-Net's foreground oversampling rule, which
+    forces the last samples of a batch, is then applied to the primary samples as if they were the
+    whole batch - used for CPS, whose unlabelled cases have no foreground). Cropping, oversampling and
+    augmentation are `nnUNetDataLoader.generate_train_batch`'s; the batch gets a boolean
+    `secondary` array (True = secondary kind) beside `keys`.
+    """
+
+    def __init__(self, primary, secondary, batch_size: int, n_secondary: int, patch_size, final_patch_size,
+                 label_manager, oversample_foreground_percent: float = 0.0, transforms=None,
+                 probabilistic_oversampling: bool = False,
+                 layout: Literal["shuffle", "secondary_first"] = "shuffle"):
+        if not 0 <= int(n_secondary) <= int(batch_size):
+            raise FlareInputError(None, f"n_secondary={n_secondary} must be in [0, batch_size={batch_size}]")
+        if layout not in ("shuffle", "secondary_first"):
+            raise FlareInputError(None, f"unknown layout {layout!r}")
+        self.primary_ids = list(primary.identifiers)
+        self.secondary_ids = list(secondary.identifiers)
+        if int(n_secondary) < int(batch_size) and not self.primary_ids:
+            raise FlareInputError(None, "no primary (labelled) case to draw from")
+        if int(n_secondary) > 0 and not self.secondary_ids:
+            raise FlareInputError(None, "no secondary (pseudo-labelled / unlabelled) case to draw from")
+        data = CombinedDataset({"primary": primary, "secondary": secondary})
+        super().__init__(data, int(batch_size), patch_size, final_patch_size, label_manager,
+                         oversample_foreground_percent=oversample_foreground_percent, sampling_probabilities=None,
+                         pad_sides=None, probabilistic_oversampling=probabilistic_oversampling,
+                         transforms=transforms)
+        self.n_secondary = int(n_secondary)
+        self.layout = layout
+        self._pending = None
+
+    def _oversample_last_XX_percent(self, sample_idx: int) -> bool:
+        # "secondary_first": nnU-Net's rule applied to the primary samples only (as if they were
+        # the whole batch); "shuffle": nnU-Net's rule over the whole batch.
+        if self.layout == "secondary_first":
+            j = sample_idx - self.n_secondary
+            n = self.batch_size - self.n_secondary
+            return j >= 0 and not j < round(n * (1 - self.oversample_foreground_percent))
+        return super()._oversample_last_XX_percent(sample_idx)
+
+    def draw(self) -> tuple[list[str], np.ndarray]:
+        """(keys, secondary mask) of the next batch."""
+        n_sec = self.n_secondary
+        n_pri = self.batch_size - n_sec
+        pri = list(np.random.choice(self.primary_ids, n_pri, replace=True)) if n_pri else []
+        sec = list(np.random.choice(self.secondary_ids, n_sec, replace=True)) if n_sec else []
+        mask = np.array([True] * n_sec + [False] * n_pri)
+        if self.layout == "shuffle":
+            mask = mask[np.random.permutation(self.batch_size)]
+        it_p, it_s = iter(pri), iter(sec)
+        keys = [str(next(it_s) if m else next(it_p)) for m in mask]
+        return keys, mask
+
+    def get_indices(self):
+        if self._pending is not None:
+            keys, self._pending = self._pending, None
+            return keys
+        return self.draw()[0]
+
+    def generate_train_batch(self):
+        keys, mask = self.draw()
+        self._pending = keys
+        batch = super().generate_train_batch()
+        batch["secondary"] = mask
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration and trainers
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class PseudoLabelConfig(TrainingConfig):
+    """TrainingConfig + pseudo-label options (see module docstring)."""
+    selection_file: str | None = None
+    pseudo_share: float | None = 0.5
+    batch_size: int | None = None
+    preprocess_processes: int = 1
+
+    def validate(self, where: str | Path | None = None):
+        super().validate(where)
+        if self.pseudo_share is not None and not 0.0 <= self.pseudo_share <= 1.0:
+            raise FlareInputError(where, f"pseudo_share must be in [0, 1] or null, got {self.pseudo_share}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise FlareInputError(where, f"batch_size must be >= 1 or null, got {self.batch_size}")
+        if self.preprocess_processes < 1:
+            raise FlareInputError(where, "preprocess_processes must be >= 1")
+        if self.selection_file is not None and not Path(self.selection_file).is_file():
+            raise FlareInputError(self.selection_file, "selection_file not found")
+        return self
+
+
+class _BatchSizeMixin:
+    """`batch_size` from the config (None: the plan's)."""
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        bs = getattr(self.flare_config, "batch_size", None)
+        if bs is not None and not self.is_ddp:
+            self.batch_size = int(bs)
+
+    @property
+    def flare_batch_size(self) -> int:
+        """The minibatch size (also before `initialize` has set `self.batch_size`)."""
+        bs = getattr(self, "batch_size", None)
+        if bs is None:
+            bs = getattr(self.flare_config, "batch_size", None) or self.configuration_manager.batch_size
+        return int(bs)
+
+
+class FlarePseudoLabelTrainer(_BatchSizeMixin, FlareTrainer):
+    """Labelled + selected pseudo-labelled cases, a fixed pseudo share per minibatch (teacher
+    defaults: mirroring on). See the module docstring."""
+    config_class = PseudoLabelConfig
+    default_mirroring = True
+
+    pseudo_selection: PseudoSelection | None = None
+    pseudo_folder: Path | None = None
+
+    def load_pseudo_dataset(self):
+        """Validate the selection, preprocess (cached) and return the pseudo cases' dataset."""
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        c = self.flare_config
+        if not c.selection_file:
+            raise FlareInputError(None, f"{type(self).__name__} needs `selection_file` in its training configuration "
+                                        f"(FLARE_TRAINING_CONFIG)")
+        labelled = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
+        sel = read_selection_file(c.selection_file, labelled_cases=labelled)
+        folder = preprocess_selection(sel, self.plans_manager.plans, self.configuration_name, self.dataset_json,
+                                      self.preprocessed_dataset_folder_base, True, c.preprocess_processes)
+        ds_cls = infer_dataset_class(str(folder))
+        ds_cls.unpack_dataset(str(folder), overwrite_existing=False, num_processes=1, verify=True)
+        self.pseudo_selection, self.pseudo_folder = sel, folder
+        return ds_cls(str(folder), list(sel.cases))
+
+    def get_tr_and_val_datasets(self):
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        pseudo = self.load_pseudo_dataset()
+        overlap = sorted(set(pseudo.identifiers) & set(dataset_val.identifiers))
+        if overlap:   # cannot happen after read_selection_file's check; kept as a guard
+            raise FlareInputError(self.flare_config.selection_file, f"pseudo case(s) {overlap} in the validation set")
+        combined = CombinedDataset({"labelled": dataset_tr, "pseudo": pseudo})
+        share = self.flare_config.pseudo_share
+        n_ps = None if share is None else secondary_count(self.flare_batch_size, share)
+        self.print_to_log_file(f"pseudo-label training: {len(dataset_tr.identifiers)} labelled + "
+                               f"{len(pseudo.identifiers)} pseudo-labelled training cases "
+                               f"({self.pseudo_folder}); {len(dataset_val.identifiers)} validation cases; "
+                               f"pseudo samples per batch: "
+                               f"{'uniform over all cases' if n_ps is None else f'{n_ps} of {self.flare_batch_size}'}")
+        if share is not None and abs(n_ps / self.flare_batch_size - share) > 1e-9:
+            self.print_to_log_file(f"WARNING: pseudo_share {share} cannot be realised exactly with batch size "
+                                   f"{self.flare_batch_size}; using {n_ps}/{self.flare_batch_size}")
+        info = {"selection_file": str(self.flare_config.selection_file), "preprocessed_folder": str(self.pseudo_folder),
+                "pseudo_cases": list(pseudo.identifiers), "labelled_training_cases": list(dataset_tr.identifiers),
+                "validation_cases": list(dataset_val.identifiers), "pseudo_share": share,
+                "batch_size": int(self.flare_batch_size), "pseudo_per_batch": n_ps}
+        out = Path(self.output_folder) / PSEUDO_INFO_NAME
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(info, indent=2))
+        return combined, dataset_val
+
+    def make_dataloader(self, dataset, patch_size, final_patch_size, transforms, train: bool):
+        share = self.flare_config.pseudo_share
+        if train and isinstance(dataset, CombinedDataset) and share is not None:
+            bs = self.flare_batch_size
+            return MixedBatchDataLoader(dataset.parts["labelled"], dataset.parts["pseudo"], bs,
+                                        secondary_count(bs, share), patch_size, final_patch_size,
+                                        self.label_manager, self.oversample_foreground_percent, transforms,
+                                        self.probabilistic_oversampling, layout="shuffle")
+        return super().make_dataloader(dataset, patch_size, final_patch_size, transforms, train)
+
+
+class FlarePseudoStudentTrainer(FlarePseudoLabelTrainer):
+    """Student flavour: mirroring off in augmentation and at inference."""
+    default_mirroring = False

@@ -1,0 +1,122 @@
+"""notebooks/05_student_training.ipynb end to end (papermill) on a tiny phantom dataset: the noisy-student
+recipe (student on labelled + pseudo-labelled data, 1:3 batches, then the labelled fine-tune)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import torch
+
+pm = pytest.importorskip("papermill")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "05_student_training.ipynb"
+NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "FLARE_TRAINING_CONFIG")
+DATASET = 511
+UNLABELLED = ["Case_00001", "Case_00002", "Case_00003"]
+
+
+def build_tiny(base: Path) -> Path:
+    """Same tiny dataset as tests/test_training_pseudo.py (shared per session when both run)."""
+    root = base / "flare_tiny_pseudo"
+    if (root / ".complete").is_file():
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    from flare_utils.convert import convert_flare22
+    from flare_utils.phantom import write_cohort
+    from flare_utils.plans import PlanVariant, plan_and_preprocess
+    from flare_utils.training.api import point_nnunet_at
+    point_nnunet_at(root)
+    write_cohort(root / "cohort", 5, 3, 1, preset="tiny", fov_mix="abdomen")
+    convert_flare22(root / "cohort", root / "nnUNet_raw", DATASET, "PseudoTiny")
+    v = PlanVariant("pseudotest", "unit-test scale", base_features=4, max_features=32, n_conv_per_stage=1,
+                    n_downsamplings=2, patch_size_zyx=(16, 32, 32), spacing_zyx=(8.0, 8.0, 8.0), batch_size=2)
+    plan_and_preprocess(DATASET, (v,), processes=1, verify=False)
+    (root / ".complete").write_text("ok")
+    return root
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    old = {k: os.environ.get(k) for k in NNUNET_VARS}
+    src = build_tiny(tmp_path_factory.getbasetemp())
+    for k, v in old.items():          # building may have pointed nnU-Net elsewhere
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    run_dir = tmp_path_factory.mktemp("nb05") / "run"
+    for d in ("cohort", "nnUNet_raw", "nnUNet_preprocessed"):
+        shutil.copytree(src / d, run_dir / d)
+    from flare_utils.training.pseudo import write_selection_file
+    raw = run_dir / "nnUNet_raw" / f"Dataset{DATASET}_PseudoTiny"
+    sel = write_selection_file(run_dir / "selection" / "selected.json", UNLABELLED,
+                               run_dir / "cohort" / "SyntheticTruth" / "unlabelled_labels", raw / "imagesUnlabelled",
+                               meta={"threshold": 0.1})
+    out_nb = run_dir.parent / "05.out.ipynb"
+    pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
+                        parameters={"run_dir": str(run_dir), "dataset_id": DATASET, "plans": "nnUNetPlans_pseudotest",
+                                    "recipe": "noisy_student", "selection_file": str(sel), "folds": [0],
+                                    "epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1, "device": "cpu",
+                                    "seed": 0, "pseudo_share": None, "finetune_epochs": 1, "batch_size": 4,
+                                    "num_threads": 1, "n_proc_da": 0})
+    yield run_dir, out_nb
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_notebook_is_stored_clean():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    for name in ("run_dir", "dataset_id", "plans", "recipe", "selection_file", "folds", "epochs",
+                 "iterations_per_epoch", "val_iterations", "device", "seed", "pseudo_share", "finetune_epochs"):
+        assert f"\n{name} = " in "\n" + code[0].source, name
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+
+
+@pytest.mark.slow
+def test_noisy_student_recipe_outputs(executed):
+    run_dir, out_nb = executed
+    out = run_dir / "student_training"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recipe"] == "noisy_student" and summary["final_stage"] == "finetune"
+    assert summary["n_selected"] == 3 and summary["config"]["pseudo_share"] == 0.75
+    student = Path(summary["stages"]["student"]["results_folder"])
+    finetune = Path(summary["stages"]["finetune"]["results_folder"])
+    assert student.name == "FlareNoisyStudentTrainer__nnUNetPlans_pseudotest__3d_fullres"
+    assert finetune.name == "FlareFineTuneTrainer__nnUNetPlans_pseudotest__3d_fullres"
+    info = json.loads((student / "fold_0" / "flare_pseudo_cases.json").read_text())
+    assert info["pseudo_per_batch"] == 3 and info["batch_size"] == 4 and info["pseudo_cases"] == UNLABELLED
+    assert not set(info["validation_cases"]) & set(UNLABELLED)
+    # the fine-tune started from the student's final checkpoint, with the lower learning rate
+    ft_cfg = json.loads((finetune / "fold_0" / "flare_training_config.json").read_text())
+    assert ft_cfg["init_checkpoint"] == str(student / "fold_0" / "checkpoint_final.pth")
+    assert ft_cfg["initial_lr"] == 1e-3
+    rep = json.loads((finetune / "fold_0" / "flare_transfer_init.json").read_text())
+    assert rep  # written by the base trainer's transfer init
+    ck = torch.load(finetune / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ck["trainer_name"] == "FlareFineTuneTrainer"
+
+    cv = pd.read_csv(out / "cv_dice.csv", index_col=0)
+    assert set(cv["stage"]) == {"student", "finetune"} and "liver" in cv.columns and "mean" in cv.index
+    assert cv[["liver", "mean"]].apply(lambda s: s.between(0, 1)).all().all()
+    assert summary["cv_mean_dice"] == pytest.approx(float(cv[cv["stage"] == "finetune"].loc["mean", "mean"]))
+    curves = pd.read_csv(out / "learning_curves.csv")
+    assert len(curves) == 2 and set(curves["stage"]) == {"student", "finetune"}
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    assert "Epoch 0" in (out / "training_console.log").read_text()      # nnU-Net's chatter kept out of the notebook
+
+    nb = nbformat.read(out_nb, as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "preprocessed pseudo-labelled cases" in text and "3 selected cases" in text
+    assert "Epoch 0" not in text
