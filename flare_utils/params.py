@@ -43,6 +43,46 @@ class DataParams:
 
 
 @dataclass
+class TeacherParams:
+    """Teacher training stage (02): plan variants to build and the big teacher's training."""
+    plan_variants: list[str] = field(default_factory=lambda: ["accurate_demo", "efficient_demo"])
+    plans: str = "accurate_demo"         # the teacher's plan variant (flare_utils.plans)
+    trainer: str = "FlareTeacherTrainer"
+    folds: list[int] | Literal["all"] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    epochs: int = 10
+    iterations_per_epoch: int = 25
+    val_iterations: int = 5
+    loss: Literal["dice_ce", "dice", "ce"] = "dice_ce"
+    init_checkpoint: str | None = None   # transfer learning: a pretrained nnU-Net checkpoint
+    freeze_encoder_stages: int = 0
+    splits: dict[str, Any] | None = None  # custom folds (flare_utils.training.splits.SplitSpec)
+    batch_size: int | None = None
+    num_threads: int | None = None
+    n_proc_da: int | None = None
+    final_validation: bool = True
+
+
+@dataclass
+class StudentParams:
+    """Student training stage (05): small network on labelled + selected pseudo-labelled cases."""
+    plans: str = "efficient_demo"
+    recipe: Literal["plain", "noisy_student", "cps"] = "plain"
+    selection_file: str | None = None    # None: the selection stage's file when that stage runs
+    folds: list[int] | Literal["all"] = field(default_factory=lambda: [0])
+    epochs: int = 10
+    iterations_per_epoch: int = 25
+    val_iterations: int = 5
+    pseudo_share: float | None = None    # None: the recipe's default (0.5; noisy student 0.75)
+    finetune_epochs: int = 0             # noisy student: labelled-only fine-tune
+    batch_size: int | None = None
+    cps_rampup_epochs: int = 20
+    cps_lambda_max: float = 0.5
+    num_threads: int | None = None
+    n_proc_da: int | None = None
+    final_validation: bool = True
+
+
+@dataclass
 class EvaluationParams:
     """Evaluation stage: which prediction folders to score against which ground truth."""
     prediction_sets: dict[str, str] = field(default_factory=dict)
@@ -63,6 +103,8 @@ class StudyParams:
     device: Literal["cpu", "cuda", "mps", "auto"] = "auto"
     stages: list[str] = field(default_factory=lambda: ["convert"])
     data: DataParams = field(default_factory=DataParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
+    student: StudentParams = field(default_factory=StudentParams)
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)
 
     def to_dict(self) -> dict[str, Any]:

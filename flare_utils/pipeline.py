@@ -38,6 +38,23 @@ def _convert_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     return {**_common(p, run), **d}
 
 
+def _none_to_empty(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """Notebook parameters use "" for 'not given' where the params file uses null."""
+    return {**d, **{k: (d[k] if d[k] is not None else "") for k in keys}}
+
+
+def _teacher_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
+    t = _none_to_empty(dataclasses.asdict(p.teacher), "init_checkpoint")
+    return {**_common(p, run), "dataset_id": p.data.dataset_id, "processes": p.data.processes, **t}
+
+
+def _student_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
+    s = dataclasses.asdict(p.student)
+    if s["selection_file"] is None and "select" in p.stages:
+        s["selection_file"] = str(run.root / "selection" / "selection.json")
+    return {**_common(p, run), "dataset_id": p.data.dataset_id, **_none_to_empty(s, "selection_file")}
+
+
 def _evaluate_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     e = dataclasses.asdict(p.evaluation)
     return {"run_dir": str(run.root), **e,
@@ -46,6 +63,8 @@ def _evaluate_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("convert", "01_data_conversion.ipynb", _convert_parameters),
+    Stage("teacher", "02_teacher_training.ipynb", _teacher_parameters),
+    Stage("student", "05_student_training.ipynb", _student_parameters),
     Stage("evaluate", "07_evaluation.ipynb", _evaluate_parameters),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}

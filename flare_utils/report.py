@@ -562,3 +562,33 @@ def case_gallery(dataset_dir: str | Path, n: int = 3, *,
     if handles:
         fig.legend(handles=handles, loc="outside right center", fontsize="small", frameon=False)
     return fig
+
+
+def learning_curves_figure(curves: pd.DataFrame, by: str | Sequence[str] = "fold", *,
+                           title: str | None = None) -> Figure:
+    """Training (solid) and validation (dashed) loss, and nnU-Net's pseudo Dice, per epoch.
+
+    `curves`: rows of `flare_utils.training.read_learning_curves` (epoch, train_loss, val_loss,
+    pseudo_dice) stacked, with the column(s) `by` naming each run (e.g. "fold"); one colour per run.
+    """
+    keys = [by] if isinstance(by, str) else list(by)
+    missing = [c for c in (*keys, "epoch", "train_loss", "val_loss", "pseudo_dice") if c not in curves.columns]
+    if missing or curves.empty:
+        raise FlareInputError(None, f"learning_curves_figure: {'no rows' if curves.empty else f'missing {missing}'}")
+    groups = list(curves.groupby(keys, sort=False))
+    colors = _set_colors(len(groups))
+    fig = Figure(figsize=(11.0, 3.8), layout="constrained")
+    ax_loss, ax_dice = fig.subplots(1, 2)
+    for color, (name, df) in zip(colors, groups):
+        label = " ".join(f"{k} {v}" for k, v in zip(keys, name if isinstance(name, tuple) else (name,)))
+        ax_loss.plot(df["epoch"], df["train_loss"], "-", marker=".", color=color, label=f"{label} train")
+        ax_loss.plot(df["epoch"], df["val_loss"], "--", marker=".", color=color, label=f"{label} val")
+        ax_dice.plot(df["epoch"], df["pseudo_dice"], "-", marker=".", color=color, label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (train solid, validation dashed)")
+    ax_dice.set(xlabel="epoch", ylabel="pseudo Dice", title="validation pseudo Dice", ylim=(-0.02, 1.02))
+    for ax in (ax_loss, ax_dice):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -64,3 +64,12 @@ def test_missing_or_invalid_yaml(tmp_path):
 def test_overrides_and_defaults(tmp_path):
     p = load_params(_write(tmp_path, "name: x\n"), {"run_dir": "elsewhere"})
     assert p.run_dir == "elsewhere" and p.data.source == "phantom" and p.evaluation.revision == "2022"
+
+
+def test_folds_accept_a_list_or_all(tmp_path):
+    assert load_params(_write(tmp_path, "teacher: {folds: all}\n")).teacher.folds == "all"
+    assert load_params(_write(tmp_path, "student: {folds: [0, 2]}\n")).student.folds == [0, 2]
+    with pytest.raises(FlareInputError, match="params.teacher.folds"):
+        load_params(_write(tmp_path, "teacher: {folds: some}\n"))
+    with pytest.raises(FlareInputError, match="params.student.recipe"):
+        load_params(_write(tmp_path, "student: {recipe: mean_teacher}\n"))

@@ -70,3 +70,18 @@ def test_cli_run_reports_bad_params_clearly(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flare_utils", "run", str(f)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "sorce" in r.stderr and str(f) in r.stderr
+
+
+@pytest.mark.slow
+def test_smoke_study_trains_teacher_and_labelled_only_student(tmp_path):
+    run_dir = tmp_path / "run"
+    results = run_study(PROJECT / "params" / "smoke.yaml", run_dir=run_dir, log=lambda m: None)
+    assert [r.name for r in results] == ["convert", "teacher", "student"]
+    teacher = json.loads((run_dir / "teacher" / "summary.json").read_text())
+    assert teacher["trainer"] == "FlareTeacherTrainer"
+    assert Path(teacher["results_folder"], "fold_0", "checkpoint_final.pth").exists()
+    student = json.loads((run_dir / "student_training" / "summary.json").read_text())
+    assert student["stages"]["student"]["trainer"] == "FlareStudentTrainer" and student["n_selected"] == 0
+    assert Path(student["final_results_folder"], "fold_0", "checkpoint_final.pth").exists()
+    for nb in ("01_data_conversion", "02_teacher_training", "05_student_training"):
+        assert (run_dir / "notebooks" / f"{nb}.html").exists()

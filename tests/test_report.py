@@ -231,3 +231,17 @@ def test_slugs_tables_and_csv_reading(tmp_path):
     path = report.save_table(t, tmp_path / "out" / "dsc.csv")
     again = pd.read_csv(path, index_col=0)
     assert list(again.index) == list(t.index) and again.loc["Liver", "x"] == t.loc["Liver", "x"]
+
+
+def test_learning_curves_figure_one_colour_per_fold(tmp_path):
+    rows = [{"fold": f, "epoch": e, "train_loss": 1.0 - 0.1 * e, "val_loss": 1.1 - 0.1 * e, "pseudo_dice": 0.2 * e}
+            for f in ("0", "1") for e in range(3)]
+    fig = report.learning_curves_figure(pd.DataFrame(rows), title="teacher")
+    assert isinstance(fig, Figure)
+    loss_ax, dice_ax = fig.axes[:2]
+    assert len(loss_ax.lines) == 4 and len(dice_ax.lines) == 2          # train + val per fold; Dice per fold
+    assert [ln.get_label() for ln in dice_ax.lines] == ["fold 0", "fold 1"]
+    assert dice_ax.lines[0].get_color() != dice_ax.lines[1].get_color()
+    assert report.save_figure(fig, tmp_path / "curves.png").stat().st_size > 1000
+    with pytest.raises(FlareInputError, match="missing"):
+        report.learning_curves_figure(pd.DataFrame(rows).drop(columns="val_loss"))

@@ -1,0 +1,173 @@
+"""notebooks/02_teacher_training.ipynb end to end (papermill) on a tiny phantom dataset: planning of a unit-test
+scale teacher plan plus the student's efficient_demo plan, a custom 2-fold split with a forced training case,
+1 epoch x 2 iterations per fold with nnU-Net's final validation."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import torch
+
+pm = pytest.importorskip("papermill")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "02_teacher_training.ipynb"
+NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "FLARE_TRAINING_CONFIG")
+DATASET = 512
+NAME = "TeacherTiny"
+TINY_PLAN = {"name": "teachertest", "description": "unit-test scale teacher", "base_features": 4, "max_features": 32,
+             "n_conv_per_stage": 1, "n_downsamplings": 2, "patch_size_zyx": [16, 32, 32],
+             "spacing_zyx": [8.0, 8.0, 8.0], "batch_size": 2}
+PARAMETERS = ("run_dir", "dataset_id", "plan_variants", "plans", "trainer", "folds", "epochs", "iterations_per_epoch",
+              "val_iterations", "device", "seed", "loss", "init_checkpoint", "freeze_encoder_stages", "splits",
+              "batch_size", "num_threads", "n_proc_da", "final_validation", "processes", "verbose")
+
+
+def build_tiny_raw(base: Path) -> Path:
+    """A converted tiny phantom dataset (5 labelled cases, nnU-Net raw only), shared per session."""
+    root = base / "flare_tiny_teacher"
+    if (root / ".complete").is_file():
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    from flare_utils.convert import convert_flare22
+    from flare_utils.phantom import write_cohort
+    write_cohort(root / "cohort", 5, 0, 0, preset="tiny", fov_mix="abdomen")
+    convert_flare22(root / "cohort", root / "nnUNet_raw", DATASET, NAME)
+    (root / ".complete").write_text("ok")
+    return root
+
+
+def _restore(old: dict) -> None:
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    old = {k: os.environ.get(k) for k in NNUNET_VARS}
+    src = build_tiny_raw(tmp_path_factory.getbasetemp())
+    run_dir = tmp_path_factory.mktemp("nb02") / "run"
+    shutil.copytree(src / "nnUNet_raw", run_dir / "nnUNet_raw")
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (run_dir / "nnUNet_raw" / f"Dataset{DATASET}_{NAME}" /
+                                                       "labelsTr").glob("*.nii.gz"))
+    assert len(cases) == 5
+    splits = {"n_folds": 2, "always_train": [cases[0]]}          # a "difficult" case in every training set
+    out_nb = run_dir.parent / "02.out.ipynb"
+    pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
+                        parameters={"run_dir": str(run_dir), "dataset_id": DATASET,
+                                    "plan_variants": [TINY_PLAN, "efficient_demo"], "plans": "teachertest",
+                                    "folds": [0, 1], "epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1,
+                                    "device": "cpu", "seed": 0, "splits": splits, "num_threads": 1, "n_proc_da": 0,
+                                    "verify": False})
+    _restore(old)
+    yield run_dir, out_nb, cases
+    _restore(old)
+
+
+def test_notebook_is_stored_clean():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    for name in PARAMETERS:
+        assert f"\n{name} = " in "\n" + code[0].source, name
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+
+
+@pytest.mark.slow
+def test_teacher_outputs(executed):
+    run_dir, out_nb, cases = executed
+    out = run_dir / "teacher"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["plans"] == "nnUNetPlans_teachertest" and summary["trainer"] == "FlareTeacherTrainer"
+    assert summary["folds"] == ["0", "1"]
+    assert summary["planned"] == {"teachertest": "nnUNetPlans_teachertest", "efficient_demo": "nnUNetPlans_efficient_demo"}
+    results = Path(summary["results_folder"])
+    assert results == run_dir.resolve() / "nnUNet_results" / f"Dataset{DATASET}_{NAME}" / \
+        "FlareTeacherTrainer__nnUNetPlans_teachertest__3d_fullres"
+    for f in (0, 1):
+        ck = torch.load(results / f"fold_{f}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        assert ck["trainer_name"] == "FlareTeacherTrainer"
+        assert (results / f"fold_{f}" / "validation" / "summary.json").is_file()
+        cfg = json.loads((results / f"fold_{f}" / "flare_training_config.json").read_text())
+        assert cfg["num_epochs"] == 1 and cfg["loss"] == "dice_ce" and cfg["init_checkpoint"] is None
+    # the student's plan is ready too (planned and preprocessed here)
+    pre = run_dir / "nnUNet_preprocessed" / f"Dataset{DATASET}_{NAME}"
+    assert len(list((pre / "nnUNetPlans_efficient_demo_3d_fullres").glob("*.pkl"))) == 5
+    # the custom split: the forced case trains in every fold and is never validated
+    split = json.loads((pre / "splits_final.json").read_text())
+    assert len(split) == 2 and all(cases[0] in s["train"] and cases[0] not in s["val"] for s in split)
+    splits_csv = pd.read_csv(out / "splits.csv", index_col=0)
+    assert list(splits_csv["n_val"]) == [2, 2] and list(splits_csv["n_train"]) == [3, 3]
+
+    plans = pd.read_csv(out / "plans.csv", index_col=0)
+    assert plans.loc["nnUNetPlans_teachertest", "role"] == "teacher"
+    assert plans.loc["nnUNetPlans_teachertest", "patch (z,y,x)"] == "16x32x32"
+    assert 84e6 < plans.loc["accurate (full size)", "parameters"] < 86e6            # paper: 82M
+    assert 5.4e6 < plans.loc["efficient (full size)", "parameters"] < 5.8e6          # paper: 5.4M
+    assert plans.loc["accurate (full size)", "reported (M)"] == pytest.approx(82.0)
+    assert summary["parameters"] == plans.loc["nnUNetPlans_teachertest", "parameters"]
+
+    curves = pd.read_csv(out / "learning_curves.csv")
+    assert len(curves) == 2 and sorted(curves["fold"]) == [0, 1]
+    assert curves[["train_loss", "val_loss"]].notna().all().all()
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    cv = pd.read_csv(out / "cv_dice.csv", index_col=0)
+    assert list(cv.columns) == ["fold 0", "fold 1", "mean"] and "liver" in cv.index and "mean" in cv.index
+    assert cv.loc["liver"].between(0, 1).all()
+    assert summary["cv_dice"]["liver"] == pytest.approx(cv.loc["liver", "mean"])
+    assert summary["cv_mean_dice"] == pytest.approx(cv.loc["mean", "mean"])
+    assert "Epoch 0" in (out / "training_console.log").read_text()   # nnU-Net's chatter kept out of the notebook
+
+    nb = nbformat.read(out_nb, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "Epoch 0" not in text and "custom split written" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1     # the learning-curve figure rendered
+
+
+@pytest.mark.slow
+def test_rerun_with_transfer_batch_size_and_fold_all(executed):
+    """Re-run in the same run folder: preprocessed data and split reused; transfer init from fold 0 with a frozen
+    stage, Dice loss, no mirroring, batch size 3 (a plans copy), nnU-Net's fold "all", no final validation."""
+    run_dir, _, _ = executed
+    old = {k: os.environ.get(k) for k in NNUNET_VARS}
+    pre = run_dir / "nnUNet_preprocessed" / f"Dataset{DATASET}_{NAME}"
+    data = sorted((pre / "nnUNetPlans_teachertest_3d_fullres").glob("*.pkl"))
+    stamps = [p.stat().st_mtime_ns for p in data]
+    split = (pre / "splits_final.json").read_text()
+    teacher = Path(json.loads((run_dir / "teacher" / "summary.json").read_text())["results_folder"])
+    init = teacher / "fold_0" / "checkpoint_final.pth"
+    out_nb = run_dir.parent / "02b.out.ipynb"
+    try:
+        pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
+                            parameters={"run_dir": str(run_dir), "dataset_id": DATASET, "plan_variants": [TINY_PLAN],
+                                        "plans": "teachertest", "folds": "all", "epochs": 1, "iterations_per_epoch": 2,
+                                        "val_iterations": 1, "device": "cpu", "loss": "dice", "mirroring": False,
+                                        "init_checkpoint": str(init), "freeze_encoder_stages": 1, "batch_size": 3,
+                                        "final_validation": False, "num_threads": 1, "n_proc_da": 0,
+                                        "verify": False})
+    finally:
+        _restore(old)
+    assert [p.stat().st_mtime_ns for p in data] == stamps                 # preprocessing reused
+    assert (pre / "splits_final.json").read_text() == split                # existing split kept
+    out = run_dir / "teacher"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["plans"] == "nnUNetPlans_teachertest_bs3" and summary["preprocessed_plans"] == "nnUNetPlans_teachertest"
+    assert summary["folds"] == ["all"] and summary["cv_dice"] is None and not (out / "cv_dice.csv").exists()
+    fold = Path(summary["results_folder"]) / "fold_all"
+    assert Path(summary["results_folder"]).name == "FlareTeacherTrainer__nnUNetPlans_teachertest_bs3__3d_fullres"
+    assert json.loads((fold / "debug.json").read_text())["batch_size"] in (3, "3")
+    cfg = json.loads((fold / "flare_training_config.json").read_text())
+    assert cfg["loss"] == "dice" and cfg["mirroring"] is False and cfg["init_checkpoint"] == str(init)
+    assert cfg["freeze_encoder_stages"] == 1 and (fold / "flare_transfer_init.json").is_file()
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert len(pd.read_csv(out / "learning_curves.csv")) == 1
