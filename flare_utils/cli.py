@@ -62,6 +62,13 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from .inference import run_predict
+    return run_predict(a.model_dir, a.input, a.output, folds=a.folds, mode=a.mode, tta=a.tta, device=a.device,
+                       spacing=a.spacing, centre_threshold=a.centre_threshold, overwrite=a.overwrite,
+                       keep_going=a.keep_going, checkpoint=a.checkpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flare-study", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--hd95", action="store_true")
     e.add_argument("--processes", type=int, default=2)
     e.set_defaults(func=_cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="efficient nnU-Net v2 inference (FLARE22 winner's sliding window)")
+    pr.add_argument("model_dir", type=Path, help="nnU-Net v2 results folder (Trainer__Plans__configuration)")
+    pr.add_argument("input", type=Path, help="a NIfTI image or a folder of them")
+    pr.add_argument("output", type=Path, help="output .nii.gz (for a file) or folder")
+    pr.add_argument("--folds", nargs="+", default=["0"], help="fold(s) to ensemble, or 'all'")
+    pr.add_argument("--mode", choices=["efficient", "full"], default="efficient")
+    pr.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (off by default)")
+    pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    pr.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                    help="predict at this spacing instead of the plans' (SimpleITK order)")
+    pr.add_argument("--centre-threshold", type=int, default=1,
+                    help="neighbour windows run when the centre window has at least this many foreground voxels")
+    pr.add_argument("--checkpoint", default="checkpoint_final.pth")
+    pr.add_argument("--overwrite", action="store_true", help="predict cases whose output exists again")
+    pr.add_argument("--keep-going", action="store_true", help="go on after a bad case (exit status 1)")
+    pr.set_defaults(func=_cmd_predict)
     return p
 
 

@@ -1,0 +1,296 @@
+"""Benchmark: efficient inference (flare_utils.inference) against nnU-Net v2's own predictor.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_inference.py                      # trains a demo model, ~30-60 min on 2 cores
+    .venv/bin/python benchmarks/bench_inference.py --model RESULTS_DIR  # reuse a trained results folder
+
+What runs, each measurement in its own fresh subprocess (so its peak RSS is its own):
+
+* cases: synthetic CTs from `flare_utils.phantom` at 512 x 512 with 0.8 x 0.8 x 1.25 mm voxels: a
+  "whole_body"-FOV scan of 400 slices, an abdomen-only scan, and (for memory) a 1000-slice scan;
+* model: unless --model is given, `flare_utils.demo_model.train_demo_model` trains the project's
+  `efficient_demo` plan (stock nnU-Net v2 trainer, short schedule) on demo-scale phantom cases;
+* methods: ours (mode "efficient", no TTA, centre threshold 1 voxel = the paper's rule), the same
+  with a 1000-voxel centre threshold (`_t1000`), the same over a folder of 4 copies of the case
+  (`_batch4`: background read/preprocess and write; wall time per case), the same with PyTorch's native convolution dispatch
+  (`onednn=False`, to separate the oneDNN gain from the algorithmic one), ours (mode "full", no TTA:
+  the DSC reference of the efficient sliding window), nnU-Net v2's `nnUNetPredictor` with its defaults (step 0.5, Gaussian,
+  mirroring over the checkpoint's axes) and with mirroring off. nnU-Net is run single-process
+  (`predict_from_files_sequential`; its multi-process variant only adds worker processes for
+  preprocessing/export, which on 2 cores does not shorten a single case);
+* figures: windows (and network forward passes: windows x 8 with mirroring), wall time of the
+  prediction (model loaded, file to file), peak RSS (ru_maxrss of the worker: whole process,
+  imports and model included; plus the ResourceMonitor's peak during prediction), DSC per case
+  (mean over the organs present in the ground truth, flare_utils.metrics), and for ours the time per
+  phase and the summed network-forward time of the windows evaluated.
+
+Results: JSON (--out, default benchmarks/results/inference.json) and a Markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent
+sys.path.insert(0, str(PROJECT))
+
+METHODS = ("ours_efficient", "ours_efficient_native", "ours_full", "ours_efficient_t1000", "ours_efficient_batch4",
+           "nnunet_default", "nnunet_no_tta")
+# (case, method) pairs of a default run
+RUNS = [("wholebody", m) for m in METHODS] + \
+       [("abdomen", m) for m in ("ours_efficient", "ours_full", "nnunet_default", "nnunet_no_tta")] + \
+       [("long", m) for m in ("ours_efficient", "ours_full", "ours_efficient_t1000")]
+
+
+# ----------------------------------------------------------------------------------------------
+# cases
+
+def make_case(path_img: Path, path_gt: Path, seed: int, fov: str, n_slices: int | None) -> dict:
+    import numpy as np
+    from flare_utils.phantom import PRESETS, generate_case
+    preset = dataclasses.replace(PRESETS["realistic"], name="bench_0.8x1.25", matrix=(512, 512),
+                                 inplane_spacing=(0.8, 0.8), slice_spacing=(1.25, 1.25), slice_choices=(1.25,),
+                                 max_slices=max(400, n_slices or 0), n_slices=n_slices)
+    c = generate_case(seed, preset, fov=fov)
+    c.label = c.label.astype(np.uint8)
+    c.save(path_img, path_gt)
+    return {"shape": list(c.shape), "spacing": list(c.spacing), "fov": fov, "seed": seed,
+            "present_labels": list(map(int, c.present_labels))}
+
+
+def ensure_cases(work: Path, long_slices: int, skip_long: bool) -> dict[str, dict]:
+    specs = {"wholebody": dict(seed=7001, fov="whole_body", n_slices=400),
+             "abdomen": dict(seed=7002, fov="abdomen", n_slices=None)}
+    if not skip_long:
+        specs["long"] = dict(seed=7003, fov="whole_body", n_slices=long_slices)
+    out = {}
+    for name, s in specs.items():
+        d = work / "cases" / name
+        img, gt = d / "images" / f"{name}_0000.nii.gz", d / "gt" / f"{name}.nii.gz"
+        meta = d / "case.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("spec") == s and img.is_file() and gt.is_file():
+            out[name] = json.loads(meta.read_text())
+            continue
+        img.parent.mkdir(parents=True, exist_ok=True)
+        gt.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        # generate in a child process: the 1000-slice case needs several GB while it is drawn
+        res = _run_child(["make_case", str(img), str(gt), str(s["seed"]), s["fov"], str(s["n_slices"] or 0)])
+        info = {"spec": s, "image": str(img), "gt": str(gt), **res, "generate_s": time.time() - t0}
+        meta.write_text(json.dumps(info, indent=1))
+        out[name] = info
+        print(f"case {name}: {info['shape']} {info['spacing']} ({info['generate_s']:.0f} s)", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+def ensure_model(work: Path, epochs: int, iterations: int, n_cases: int) -> Path:
+    from flare_utils.demo_model import train_demo_model
+    t0 = time.time()
+    m = train_demo_model(work / "model", dataset_id=952, name="BenchInference", n_cases=n_cases, preset="demo",
+                         fov=("abdomen", "whole_body", "chest_abdomen_pelvis", "abdomen", "abdomen_pelvis"),
+                         variant="efficient_demo", epochs=epochs, iterations=iterations, seed=1, timeout=4 * 3600)
+    print(f"model: {m} ({time.time() - t0:.0f} s)", flush=True)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# workers (run in subprocesses)
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker(method: str, model: str, image: str, out_dir: str, threads: int) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    from flare_utils.efficiency import ResourceMonitor
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = Path(image).name.replace("_0000.nii.gz", "")
+    res: dict = {"method": method, "threads": threads, "load_before": os.getloadavg()[0]}
+    if method.startswith("ours"):
+        import re
+        import shutil
+        from flare_utils.inference import EfficientPredictor
+        thr = re.search(r"_t(\d+)", method)
+        batch = re.search(r"_batch(\d+)", method)
+        t0 = time.perf_counter()
+        p = EfficientPredictor.from_results_folder(model, folds=(0,), mode="full" if "full" in method else "efficient",
+                                                   device="cpu", monitor=False, onednn="native" not in method,
+                                                   centre_threshold=int(thr.group(1)) if thr else 1)
+        res["load_model_s"] = time.perf_counter() - t0
+        res["centre_threshold"] = p.centre_threshold
+        if batch:
+            # a folder of N copies (links) of the case: background read/preprocess and write overlap the network
+            n = int(batch.group(1))
+            src = out_dir / "in"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            src.mkdir(parents=True)
+            for i in range(n):
+                os.symlink(image, src / f"{name}{i}_0000.nii.gz")
+            with ResourceMonitor(interval=0.1) as mon:
+                t0 = time.perf_counter()
+                df = p.predict_folder(src, out_dir)
+                res["wall_s"] = time.perf_counter() - t0
+            res.update(batch_cases=n, wall_per_case_s=res["wall_s"] / n,
+                       network_forward_s=float(df["network_forward_s"].sum()) / n,
+                       time_network_s=float(df["time_network_s"].sum()) / n,
+                       windows_evaluated=int(df["windows_evaluated"].iloc[0]),
+                       forward_passes=int(df["windows_evaluated"].iloc[0]))
+            os.replace(out_dir / f"{name}0.nii.gz", out_dir / f"{name}.nii.gz")
+        else:
+            with ResourceMonitor(interval=0.1) as mon:
+                t0 = time.perf_counter()
+                _, rep = p.predict_case(image, out_dir / f"{name}.nii.gz")
+                res["wall_s"] = time.perf_counter() - t0
+            row = rep.to_row()
+            res.update({k: row[k] for k in ("windows_evaluated", "windows_skipped", "windows_grid",
+                                            "windows_paper_eq2", "windows_nnunet_full", "z_steps", "time_read_s",
+                                            "time_preprocess_s", "time_network_s", "network_forward_s",
+                                            "time_resample_s", "time_write_s", "network_shape", "padded_shape",
+                                            "crop_box")})
+            res["centre_foreground"] = [w["foreground"] for w in rep.windows if w["role"] == "centre"]
+            res["forward_passes"] = rep.windows_evaluated
+    else:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from flare_utils.sliding_window import nnunet_window_count
+        mirroring = method == "nnunet_default"
+        t0 = time.perf_counter()
+        p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                            perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                            allow_tqdm=False)
+        p.initialize_from_trained_model_folder(model, (0,))
+        res["load_model_s"] = time.perf_counter() - t0
+        with ResourceMonitor(interval=0.1) as mon:
+            t0 = time.perf_counter()
+            p.predict_from_files_sequential([[image]], [str(out_dir / name)], False, True, None)
+            res["wall_s"] = time.perf_counter() - t0
+        # nnU-Net's windows: its (nonzero-cropped = whole CT) image resampled to the plans' spacing
+        import nibabel as nib
+        from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+        img = nib.load(image)
+        shape = [img.shape[2], img.shape[1], img.shape[0]]
+        sp = [float(z) for z in img.header.get_zooms()[:3]][::-1]
+        tf = p.plans_manager.transpose_forward
+        new = compute_new_shape([shape[t] for t in tf], [sp[t] for t in tf], p.configuration_manager.spacing)
+        padded = [max(int(s), int(q)) for s, q in zip(new, p.configuration_manager.patch_size)]
+        n = nnunet_window_count(padded, p.configuration_manager.patch_size, 0.5)
+        n_mirror = 2 ** len(p.allowed_mirroring_axes or ()) if mirroring else 1
+        res.update(windows_evaluated=n, forward_passes=n * n_mirror, padded_shape=padded)
+    res["peak_rss_monitor_mib"] = mon.result.peak_rss_mib
+    res["cpu_util_mean"] = mon.result.cpu_util_mean
+    res["maxrss_mib"] = _maxrss_mib()
+    res["load_after"] = os.getloadavg()[0]
+    res["output"] = str(out_dir / f"{name}.nii.gz")
+    return res
+
+
+def dsc_of(pred: str, gt: str) -> dict:
+    import nibabel as nib
+    import numpy as np
+    from flare_utils.metrics import evaluate_case
+    g = nib.load(gt)
+    gt_a = np.asarray(g.dataobj)
+    pr = np.asarray(nib.load(pred).dataobj)
+    scores = evaluate_case(pr, gt_a, tuple(float(z) for z in g.header.get_zooms()[:3]))
+    present = [int(l) for l in np.unique(gt_a) if l > 0]
+    d = {int(k): float(v.dsc) for k, v in scores.items()}
+    return {"mean_dsc_present": float(np.mean([d[l] for l in present])) if present else None,
+            "liver_dsc": d.get(1), "dsc_per_label": d, "present": present}
+
+
+def _run_child(args: list[str], timeout: float = 3600) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(PROJECT))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_main(argv: list[str]) -> None:
+    kind = argv[0]
+    if kind == "make_case":
+        img, gt, seed, fov, n = argv[1:]
+        out = make_case(Path(img), Path(gt), int(seed), fov, int(n) or None)
+    elif kind == "worker":
+        out = worker(*argv[1:5], int(argv[5]))
+    elif kind == "dsc":
+        out = dsc_of(argv[1], argv[2])
+    else:
+        raise SystemExit(f"unknown child {kind}")
+    sys.stdout.write("\n" + json.dumps(out, default=float) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child_main(sys.argv[2:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/flare_bench_inference"))
+    ap.add_argument("--model", type=Path, default=None, help="trained nnU-Net v2 results folder to reuse")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "inference.json")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of every measured run")
+    ap.add_argument("--train-epochs", type=int, default=60)
+    ap.add_argument("--train-iterations", type=int, default=50)
+    ap.add_argument("--train-cases", type=int, default=10)
+    ap.add_argument("--long-slices", type=int, default=1000)
+    ap.add_argument("--skip-long", action="store_true")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--cases", nargs="+", default=["wholebody", "abdomen", "long"])
+    a = ap.parse_args()
+
+    a.work.mkdir(parents=True, exist_ok=True)
+    model = a.model or ensure_model(a.work, a.train_epochs, a.train_iterations, a.train_cases)
+    cases = ensure_cases(a.work, a.long_slices, a.skip_long)
+    marker = a.work / "model" / "flare_demo_model.json"
+    results: dict = {"model": str(model), "threads": a.threads, "machine": {
+        "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "cases": cases, "runs": [],
+        "model_request": json.loads(marker.read_text())["request"] if a.model is None and marker.is_file() else None}
+    runs = [(c, m) for c, m in RUNS if c in a.cases and m in a.methods and not (c == "long" and a.skip_long)]
+    for case, method in runs:
+        info = cases[case]
+        t0 = time.time()
+        r = _run_child(["worker", method, str(model), info["image"], str(a.work / "pred" / method / case),
+                        str(a.threads)], timeout=4 * 3600)
+        r.update(case=case, process_s=time.time() - t0)
+        r.update(_run_child(["dsc", r["output"], info["gt"]]))
+        results["runs"].append(r)
+        print(f"{case:10s} {method:15s} windows {r['windows_evaluated']:5d} fwd {r['forward_passes']:6d} "
+              f"wall {r['wall_s']:8.1f} s  maxrss {r['maxrss_mib']:7.0f} MiB  DSC {r['mean_dsc_present']:.4f} "
+              f"liver {r['liver_dsc']:.4f}",
+              flush=True)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(results, indent=1, default=float))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    rows = ["| case | method | windows (forward passes) | wall (s) | network forward (s) | peak RSS (MiB) "
+            "| mean DSC | liver DSC |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        fwd = f"{r['network_forward_s']:.2f}" if "network_forward_s" in r else "-"
+        wall = f"{r['wall_per_case_s']:.1f} per case" if "wall_per_case_s" in r else f"{r['wall_s']:.1f}"
+        rows.append(f"| {r['case']} | {r['method']} | {r['windows_evaluated']} ({r['forward_passes']}) | "
+                    f"{wall} | {fwd} | {r['maxrss_mib']:.0f} | {r['mean_dsc_present']:.4f} | "
+                    f"{r['liver_dsc']:.4f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Window grids and the sliding-window loop: the FLARE22 winner's efficient 3x3 windows and
+nnU-Net's full tiling, run by the same code.
+
+Geometry (all in voxels of the network grid, i.e. after cropping, resampling and padding)
+-----------------------------------------------------------------------------------------
+The image is first padded to at least one patch per axis (nnU-Net's `pad_nd_image`, constant 0 in
+normalised intensity, content centred), so every grid below is defined on a shape >= patch.
+
+`long_axis` is the axis along which the scan is long (the patient's head-foot axis, "z"); the two
+others are the in-plane axes.
+
+* **full** (nnU-Net's regular tiling): on every axis the starts of nnU-Net's
+  `compute_steps_for_sliding_window` with `step` (0.5: windows overlap by half a patch), all
+  combinations. Iterated with the first array axis outermost, exactly like nnU-Net's
+  `_internal_get_sliding_window_slicers`, so with the same Gaussian it gives nnU-Net's logits.
+* **efficient** ("Revisiting nnU-Net for Iterative Pseudo Labeling and Efficient Sliding Window
+  Inference", the FLARE22 winner): along the long axis the same nnU-Net starts (`step`, 0.5); at
+  each of these z steps a 3x3 grid of in-plane windows with 50% overlap (`inplane_step` = 0.5
+  patch), centred on the image's in-plane centre. Per in-plane axis of size S and patch P the
+  centre window starts at c = (S - P) // 2 and its neighbours at c -/+ round(P * inplane_step);
+  every start is clamped to [0, S - P] and duplicates are dropped. So an axis exactly one patch
+  wide has 1 position, an axis narrower than two patches has 2 or 3 (clamped to the borders),
+  and a wide axis has 3. The grid covers [c - P/2, c + 3P/2): **two patch widths in-plane**,
+  centred. Anything further out (an organ entirely outside that band, e.g. in a very wide image
+  or far off-centre) is never looked at and is missed by design; the preprocessing crops to the
+  body first, so "centre" means the centre of the body's bounding box.
+  At each z step the centre window runs first; when its prediction (argmax over classes of that
+  window alone, after TTA/fold averaging) holds fewer than `centre_threshold` foreground voxels
+  (argmax != 0), its 8 neighbours are skipped. The default threshold 1 is the paper's rule
+  ("no foreground in the centre window"); 0 never skips (the complete 3x3-per-z-step run).
+  Foreground only in a neighbour window of a z step whose centre is empty is missed by design.
+
+Counts (all on the same padded shape): `n_total` of a grid is the number of distinct windows it
+could evaluate; `paper_eq2_count` is equation (2) of the paper, 9 windows per z step
+(9 * n_z with n_z = ceil((D - P_z) / (s * P_z)) + 1); `nnunet_window_count` is nnU-Net's full
+sliding-window count (product over axes of nnU-Net's step counts).
+
+Accumulation
+------------
+Each window's output (logits for one model, softmax probabilities averaged over models for an
+ensemble: that is the forward function's business) is multiplied by nnU-Net's Gaussian
+importance map (`compute_gaussian`, sigma = patch/8, scaled to a maximum of 10, as nnU-Net
+does) and added into a float32 accumulator together with the Gaussian weights. Because the
+windows proceed along the long axis in increasing order, every slice before the next z start is
+final once a z step is done: `stream=True` (the default) keeps accumulators only one patch
+long, writes the argmax of finished slices into a uint8 label map and shifts, so memory is
+O(classes x patch_z x in-plane size) whatever the scan length. Voxels that no evaluated window
+covered (skipped neighbours) are background (0). Dividing by the weights does not change the
+argmax, so labels are the argmax of the weighted sum; `keep_logits=True` instead keeps full-size
+accumulators and returns the normalised logits (for comparisons with nnU-Net).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+MODES = ("efficient", "full")
+DEFAULT_CENTRE_THRESHOLD = 1
+
+
+def nnunet_steps(size: int, patch: int, step: float = 0.5) -> list[int]:
+    """nnU-Net's window starts along one axis (`compute_steps_for_sliding_window`); size >= patch."""
+    if size < patch:
+        raise ValueError(f"axis of size {size} is smaller than the patch {patch}: pad first")
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1], got {step}")
+    n = int(math.ceil((size - patch) / (patch * step))) + 1
+    if n == 1:
+        return [0]
+    actual = (size - patch) / (n - 1)
+    return [int(np.round(actual * i)) for i in range(n)]
+
+
+def centred_positions(size: int, patch: int, step: float = 0.5, n: int = 3) -> tuple[list[int], int]:
+    """Starts of `n` windows (odd) centred on the axis, `step` patches apart, clamped and
+    deduplicated; and the centre window's start. Needs size >= patch (pad first)."""
+    if size < patch:
+        raise ValueError(f"axis of size {size} is smaller than the patch {patch}: pad first")
+    if n < 1 or n % 2 == 0:
+        raise ValueError(f"n must be odd and >= 1, got {n}")
+    h = max(1, int(round(patch * step)))
+    c = (size - patch) // 2
+    pos = sorted({min(max(c + k * h, 0), size - patch) for k in range(-(n // 2), n // 2 + 1)})
+    return pos, c
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """Where windows may run. Starts are per array axis; `groups()` gives the run order."""
+    mode: str
+    shape: tuple[int, ...]
+    patch: tuple[int, ...]
+    long_axis: int
+    long_starts: tuple[int, ...]
+    plane_axes: tuple[int, int]
+    plane_starts: tuple[tuple[int, ...], tuple[int, ...]]
+    centre: tuple[int, int] | None = None     # in-plane start of the centre window (efficient)
+
+    @property
+    def n_long(self) -> int:
+        return len(self.long_starts)
+
+    @property
+    def n_plane(self) -> int:
+        return len(self.plane_starts[0]) * len(self.plane_starts[1])
+
+    @property
+    def n_total(self) -> int:
+        return self.n_long * self.n_plane
+
+    def _start(self, z: int, a: int, b: int) -> tuple[int, ...]:
+        s = [0, 0, 0]
+        s[self.long_axis], s[self.plane_axes[0]], s[self.plane_axes[1]] = z, a, b
+        return tuple(s)
+
+    def groups(self) -> list[list[tuple[int, ...]]]:
+        """One list of window starts per z step, in increasing z; efficient: centre first."""
+        out = []
+        for z in self.long_starts:
+            if self.mode == "efficient":
+                ws = [self._start(z, *self.centre)]
+                ws += [self._start(z, a, b) for a in self.plane_starts[0] for b in self.plane_starts[1]
+                       if (a, b) != self.centre]
+            else:
+                ws = sorted(self._start(z, a, b) for a in self.plane_starts[0] for b in self.plane_starts[1])
+            out.append(ws)
+        return out
+
+
+def make_grid(mode: str, shape: Sequence[int], patch: Sequence[int], long_axis: int = 0, step: float = 0.5,
+              inplane_step: float = 0.5) -> WindowGrid:
+    """The window grid of `mode` ("efficient" or "full") on a padded shape (>= patch per axis)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    shape, patch = tuple(int(s) for s in shape), tuple(int(p) for p in patch)
+    if len(shape) != 3 or len(patch) != 3:
+        raise ValueError(f"3D shape and patch needed, got {shape} and {patch}")
+    if any(s < p for s, p in zip(shape, patch)):
+        raise ValueError(f"shape {shape} is smaller than the patch {patch}: pad first")
+    if long_axis not in (0, 1, 2):
+        raise ValueError(f"long_axis must be 0, 1 or 2, got {long_axis}")
+    plane = tuple(a for a in range(3) if a != long_axis)
+    zs = tuple(nnunet_steps(shape[long_axis], patch[long_axis], step))
+    if mode == "full":
+        ps = tuple(tuple(nnunet_steps(shape[a], patch[a], step)) for a in plane)
+        return WindowGrid(mode, shape, patch, long_axis, zs, plane, ps, None)
+    (pa, ca), (pb, cb) = (centred_positions(shape[a], patch[a], inplane_step) for a in plane)
+    return WindowGrid(mode, shape, patch, long_axis, zs, plane, (tuple(pa), tuple(pb)), (ca, cb))
+
+
+def nnunet_window_count(shape: Sequence[int], patch: Sequence[int], step: float = 0.5) -> int:
+    """Windows of nnU-Net's full sliding window on a padded shape."""
+    return int(np.prod([len(nnunet_steps(int(s), int(p), step)) for s, p in zip(shape, patch)]))
+
+
+def paper_eq2_count(shape: Sequence[int], patch: Sequence[int], long_axis: int = 0, step: float = 0.5) -> int:
+    """Equation (2) of the paper: 9 windows at each of the n_z z steps."""
+    return 9 * len(nnunet_steps(int(shape[long_axis]), int(patch[long_axis]), step))
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class WindowRecord:
+    start: tuple[int, ...]          # array-order start on the padded network grid
+    z_index: int                    # which z step
+    role: str                       # "centre", "neighbour" (efficient) or "tile" (full)
+    evaluated: bool
+    foreground: int | None = None   # foreground voxels (argmax != 0) in the window's own output
+
+
+@dataclass
+class SlidingWindowResult:
+    labels: torch.Tensor                     # uint8 (or int16) label map, padded shape
+    records: list[WindowRecord]
+    forward_s: float                          # time inside the forward function (synchronised)
+    loop_s: float                             # the whole loop, forward included
+    logits: torch.Tensor | None = None        # (K, *shape) float32 when keep_logits
+
+    @property
+    def n_evaluated(self) -> int:
+        return sum(r.evaluated for r in self.records)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(not r.evaluated for r in self.records)
+
+    def records_as_dicts(self) -> list[dict]:
+        return [asdict(r) for r in self.records]
+
+
+def argmax0(a: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """argmax over the first (class) axis, first maximum wins like torch.argmax; one contiguous pass
+    per class, several times faster on CPU than torch.argmax(a, 0), which reduces across a strided axis."""
+    best = a[0].clone()
+    idx = torch.zeros(a.shape[1:], dtype=dtype, device=a.device)
+    for c in range(1, a.shape[0]):
+        m = a[c] > best
+        best = torch.where(m, a[c], best)
+        idx.masked_fill_(m, c)
+    return idx
+
+
+def foreground_count(a: torch.Tensor) -> int:
+    """Voxels whose argmax over the class axis is not 0 (background)."""
+    if a.shape[0] < 2:
+        return 0
+    best = a[1].clone()
+    for c in range(2, a.shape[0]):
+        torch.maximum(best, a[c], out=best)
+    return int((best > a[0]).sum().item())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def run_sliding_window(data: torch.Tensor, grid: WindowGrid, forward: Callable[[torch.Tensor], torch.Tensor],
+                       num_classes: int, gaussian: torch.Tensor | None, centre_threshold: int = DEFAULT_CENTRE_THRESHOLD,
+                       *, keep_logits: bool = False, stream: bool = True, batch_size: int = 1) -> SlidingWindowResult:
+    """Run `forward` on the windows of `grid` over `data` (C, *grid.shape), on data's device.
+
+    forward: (B, C, *patch) -> (B, num_classes, *patch). gaussian: (*patch) weights or None
+    (uniform). centre_threshold: see the module docstring (efficient mode only). batch_size:
+    windows per forward call for the neighbours (the centre always runs alone).
+    """
+    if tuple(data.shape[1:]) != tuple(grid.shape):
+        raise ValueError(f"data shape {tuple(data.shape[1:])} does not match the grid's {grid.shape}")
+    device = data.device
+    la, P = grid.long_axis, grid.patch
+    L = grid.shape[la]
+    stream = stream and not keep_logits
+    buf_len = P[la] if stream else L
+    acc_shape = list(grid.shape)
+    acc_shape[la] = buf_len
+    acc = torch.zeros((num_classes, *acc_shape), dtype=torch.float32, device=device)
+    wsum = torch.zeros(acc_shape, dtype=torch.float32, device=device)
+    g = gaussian.to(device=device, dtype=torch.float32) if gaussian is not None else \
+        torch.ones(P, dtype=torch.float32, device=device)
+    label_dtype = torch.uint8 if num_classes <= 255 else torch.int16
+    labels = torch.zeros(grid.shape, dtype=label_dtype, device=device)
+    base = 0                     # long-axis coordinate of acc's first slice
+    done = 0                     # labels[:done] (long axis) are final
+    records: list[WindowRecord] = []
+    fwd_s = 0.0
+    t_loop = time.perf_counter()
+
+    def finalize(until: int) -> None:
+        nonlocal base, done, acc, wsum
+        n = until - done
+        if n <= 0:
+            return
+        a = acc.narrow(la + 1, done - base, n)
+        w = wsum.narrow(la, done - base, n)
+        lab = argmax0(a, label_dtype)
+        lab[w == 0] = 0
+        labels.narrow(la, done, n).copy_(lab)
+        done = until
+        if stream:
+            shift = until - base
+            keep = buf_len - shift
+            acc = torch.cat([acc.narrow(la + 1, shift, keep),
+                             acc.new_zeros(acc.shape[:la + 1] + (shift,) + acc.shape[la + 2:])], la + 1)
+            wsum = torch.cat([wsum.narrow(la, shift, keep),
+                              wsum.new_zeros(wsum.shape[:la] + (shift,) + wsum.shape[la + 1:])], la)
+            base = until
+
+    def window_slices(start, spatial_only: bool):
+        sl = [slice(s, s + p) for s, p in zip(start, P)]
+        sl[la] = slice(start[la] - base, start[la] - base + P[la])
+        return tuple(sl) if spatial_only else (slice(None), *sl)
+
+    def run(starts) -> torch.Tensor:
+        nonlocal fwd_s
+        x = torch.stack([data[(slice(None), *[slice(s, s + p) for s, p in zip(st, P)])] for st in starts])
+        _sync(device)
+        t0 = time.perf_counter()
+        y = forward(x)
+        _sync(device)
+        fwd_s += time.perf_counter() - t0
+        return y
+
+    def accumulate(start, pred) -> None:
+        acc[window_slices(start, False)].addcmul_(pred.float(), g)      # in place: acc += pred * g
+        wsum[window_slices(start, True)].add_(g)
+
+    for zi, ws in enumerate(grid.groups()):
+        z = ws[0][la]
+        if stream:
+            finalize(z)          # everything before this z start is final
+        if grid.mode == "efficient":
+            pred = run([ws[0]])[0]
+            fg = foreground_count(pred)
+            accumulate(ws[0], pred)
+            records.append(WindowRecord(ws[0], zi, "centre", True, fg))
+            rest = ws[1:]
+            if fg < centre_threshold:
+                records.extend(WindowRecord(s, zi, "neighbour", False) for s in rest)
+                rest = []
+            role = "neighbour"
+        else:
+            rest, role = ws, "tile"
+        for i in range(0, len(rest), max(1, batch_size)):
+            chunk = rest[i:i + max(1, batch_size)]
+            preds = run(chunk)
+            for s, p in zip(chunk, preds):
+                accumulate(s, p)
+                records.append(WindowRecord(s, zi, role, True))
+    finalize(L)
+    logits = None
+    if keep_logits:
+        logits = acc / torch.clamp(wsum, min=1e-12)[None]
+        logits[:, wsum == 0] = 0
+    loop_s = time.perf_counter() - t_loop
+    return SlidingWindowResult(labels, records, fwd_s, loop_s, logits)
