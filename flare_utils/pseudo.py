@@ -1,0 +1,704 @@
+"""Iterative pseudo labelling (FLARE22 winner): K rounds of labels for the unlabelled set.
+
+Round 1: the teacher ensemble (the trained folds of an nnU-Net results folder) predicts every
+unlabelled case in the paper's *accurate* setting - nnU-Net's full sliding window (step 0.5,
+Gaussian), softmax averaged over the folds (and over nnU-Net's mirroring when `tta=True`), argmax,
+hard labels written as uint8 NIfTI in the case's original geometry. The predictor is the project's
+`flare_utils.inference.EfficientPredictor` in `mode="full"` (an nnU-Net `nnUNetPredictor`).
+
+Rounds 2..K: a big model is retrained on the labelled cases + ALL pseudo-labelled cases of the
+previous round (`FlarePseudoLabelTrainer` through `flare_utils.training.train`, with a selection
+file listing every case of round k-1), then predicts the unlabelled set again.
+
+Layout (nothing is ever overwritten; every round keeps its labels)::
+
+    <run_dir>/pseudo_labels/
+        round_01/<case>.nii.gz ...   labels of round 1 (teacher ensemble)
+                 request.json        what the round is made with (model, folds, tta); written first
+                 cases.jsonl         one JSON record per predicted case, appended as cases finish
+                 cases.csv           the same, one row per case, case order (written at the end)
+                 round.json          completion marker / manifest (cases, model, timings, memory)
+        round_02/<case>.nii.gz ...
+                 training_selection.json   selection file (all round-1 cases) for the retraining
+                 model/              the retrained model: plans.json, dataset.json, fold_all/
+                                     checkpoint_final.pth, logs; `flare_round_model.json` = complete
+        ...
+        rounds.json                  summary of the completed rounds
+
+Resuming. A round whose `round.json` lists the requested cases is skipped. Otherwise its cases
+whose `<case>.nii.gz` exists are kept and only the others are predicted: label files are written
+atomically (temporary sibling + rename, `flare_utils.io`), so an existing file is always a
+finished one; stale temporaries of a killed run are deleted. A retrained model is reused when its
+marker exists (training is not resumed mid-way: an interrupted training restarts). A round folder
+made with another model/folds/tta is a FlareInputError (use a new run_dir or delete the folder).
+
+Memory. Cases are predicted one at a time and nothing per case is kept but a small record; each
+record holds the process RSS after the case (`rss_mib`, /proc/self/statm) and the lifetime peak
+(`peak_rss_mib`, getrusage ru_maxrss), so `cases.csv` shows whether memory stays flat over
+hundreds of cases; `round.json["memory"]` compares case 10 with the last case.
+
+Per-case records also carry the organ volumes (ml) of the written label, so per-round volume
+tables need no re-reading. `round_agreement`, `round_volumes` and `pseudo_label_quality` (against
+ground truth, e.g. the synthetic cohort's `SyntheticTruth/unlabelled_labels`) feed notebook 03.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import FlareInputError
+from .io import atomic_directory, atomic_write_text, case_id_from_path, read_label_map
+from .labels import LABELS
+
+__all__ = ["PSEUDO_DIR", "PSEUDO_TRAINER", "RoundInfo", "round_dir", "unlabelled_images", "completed_rounds",
+           "read_round", "round_request", "predict_round", "retrain_round", "run_rounds", "round_cases",
+           "round_table", "round_volumes", "round_agreement", "pseudo_label_quality", "memory_summary",
+           "default_predictor_factory", "current_rss_mib"]
+
+PSEUDO_DIR = "pseudo_labels"
+PSEUDO_TRAINER = "FlarePseudoLabelTrainer"
+REQUEST_FILE = "request.json"
+RECORDS_FILE = "cases.jsonl"
+CASES_CSV = "cases.csv"
+MANIFEST_FILE = "round.json"
+SUMMARY_FILE = "rounds.json"
+SELECTION_FILE = "training_selection.json"
+MODEL_DIR = "model"
+MODEL_MARKER = "flare_round_model.json"
+MANIFEST_FORMAT = "flare_utils.pseudo_round/1"
+_PSEUDO_TRAINER_MODULE = "flare_utils.training.pseudo"
+_MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
+_FOLD_FILES = ("checkpoint_final.pth", "flare_training_config.json", "flare_pseudo_cases.json", "debug.json",
+               "progress.png")
+MIB = 1024.0 * 1024.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+
+def round_dir(run_dir: str | Path, k: int) -> Path:
+    """`<run_dir>/pseudo_labels/round_<k:02d>` (k >= 1)."""
+    if int(k) < 1:
+        raise FlareInputError(None, f"rounds are numbered from 1, got {k}")
+    return Path(run_dir) / PSEUDO_DIR / f"round_{int(k):02d}"
+
+
+def current_rss_mib() -> float:
+    """Resident set size of this process now (MiB)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+    except (OSError, ValueError, IndexError):  # not Linux
+        try:
+            import psutil
+            return psutil.Process().memory_info().rss / MIB
+        except Exception:
+            return float("nan")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (Path,)):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _remove_stale_temporaries(folder: Path) -> int:
+    """Temporary files of interrupted atomic writes (`.<name>.<hex>.tmp...`)."""
+    n = 0
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_file() and p.name.startswith(".") and ".tmp" in p.name:
+                try:
+                    p.unlink()
+                    n += 1
+                except OSError:
+                    pass
+    return n
+
+
+def unlabelled_images(unlabelled_dir: str | Path, cases: Iterable[str] | None = None) -> dict[str, Path]:
+    """{case id: image} of a folder of unlabelled CT images `<case>_0000.nii.gz` (nnU-Net naming,
+    as in `imagesUnlabelled` and the FLARE22 unlabelled folder); `cases` picks a subset."""
+    folder = Path(unlabelled_dir)
+    if not folder.is_dir():
+        raise FlareInputError(folder, "unlabelled images folder not found")
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.name.endswith(("_0000.nii.gz", "_0000.nii")):
+            found[case_id_from_path(p, channel_suffix=True)] = p
+    if cases is not None:
+        wanted = [str(c) for c in cases]
+        missing = [c for c in wanted if c not in found]
+        if missing:
+            raise FlareInputError(folder, f"no image <case>_0000.nii.gz for case(s) {missing[:10]}")
+        found = {c: found[c] for c in wanted}
+    if not found:
+        raise FlareInputError(folder, "no unlabelled image (<case>_0000.nii.gz) in the folder")
+    return found
+
+
+def _folds_list(folds) -> list | None:
+    if folds is None:
+        return None
+    if isinstance(folds, (str, int)):
+        folds = [folds]
+    out = []
+    for f in folds:
+        f = str(f)
+        out.append(int(f) if f.isdigit() else f)
+    return out
+
+
+def _available_folds(model_dir: Path, checkpoint: str = "checkpoint_final.pth") -> list:
+    out = []
+    for p in sorted(model_dir.glob("fold_*")):
+        if (p / checkpoint).is_file():
+            s = p.name[len("fold_"):]
+            out.append(int(s) if s.isdigit() else s)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The predictor
+
+def _ensure_pseudo_trainers_registered() -> None:
+    """nnU-Net rebuilds a checkpoint's network through its trainer class, found by name: the
+    pseudo-label trainers must be visible to that lookup (training.registry's extension point)."""
+    try:
+        from .training import registry
+        if _PSEUDO_TRAINER_MODULE not in registry.TRAINER_MODULES:
+            registry.TRAINER_MODULES.append(_PSEUDO_TRAINER_MODULE)
+        registry.register_with_nnunet()
+    except FlareInputError:   # read-only nnunetv2: stock trainers still load
+        pass
+
+
+def default_predictor_factory(model_dir: str | Path, folds, tta: bool, device: str):
+    """The project's predictor in nnU-Net's full sliding-window mode (the paper's accurate
+    setting): folds' softmax averaged, optional mirroring TTA, argmax, original geometry."""
+    _ensure_pseudo_trainers_registered()
+    from .inference import EfficientPredictor
+    return EfficientPredictor.from_results_folder(model_dir, folds=tuple(folds) if folds is not None else None,
+                                                  mode="full", tta=bool(tta), device=device, monitor=False)
+
+
+PredictorFactory = Callable[[Path, Any, bool, str], Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# Rounds
+
+@dataclass
+class RoundInfo:
+    """One finished round (the content of its round.json)."""
+    round: int
+    folder: Path
+    model: str
+    folds: list
+    tta: bool
+    mode: str = "full"
+    cases: list = field(default_factory=list)
+    n_cases: int = 0
+    n_predicted: int = 0           # predicted by the call that completed the round
+    n_reused: int = 0              # found already written (resumed) by that call
+    skipped: bool = False          # the whole round was complete already (this call did nothing)
+    predict_s: float = 0.0
+    training: dict | None = None
+    memory: dict = field(default_factory=dict)
+    device: str = ""
+    created: str = ""
+    format: str = MANIFEST_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["folder"] = str(self.folder)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RoundInfo":
+        names = set(cls.__dataclass_fields__)
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["folder"] = Path(kw["folder"])
+        return cls(**kw)
+
+
+def read_round(run_dir: str | Path, k: int) -> RoundInfo | None:
+    """The manifest of round k, or None when the round is not complete."""
+    d = _read_json(round_dir(run_dir, k) / MANIFEST_FILE)
+    if not d or d.get("format") != MANIFEST_FORMAT:
+        return None
+    info = RoundInfo.from_dict(d)
+    info.folder = round_dir(run_dir, k)
+    return info
+
+
+def round_request(run_dir: str | Path, k: int) -> dict[str, Any]:
+    """What round k was (or is being) made with: model, folds, tta, unlabelled_dir (request.json)."""
+    d = _read_json(round_dir(run_dir, k) / REQUEST_FILE)
+    if d is None:
+        raise FlareInputError(round_dir(run_dir, k), f"round {k} has not been started (no {REQUEST_FILE})")
+    return d
+
+
+def completed_rounds(run_dir: str | Path) -> list[int]:
+    """Numbers of the rounds with a completion marker, ascending."""
+    root = Path(run_dir) / PSEUDO_DIR
+    out = []
+    if root.is_dir():
+        for p in sorted(root.glob("round_*")):
+            s = p.name[len("round_"):]
+            if s.isdigit() and (p / MANIFEST_FILE).is_file() and read_round(run_dir, int(s)) is not None:
+                out.append(int(s))
+    return out
+
+
+def _read_records(path: Path) -> dict[str, dict]:
+    """Per-case records of cases.jsonl (last one per case wins; a torn last line is ignored)."""
+    out: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and "case" in r:
+                out[str(r["case"])] = r
+    return out
+
+
+def _append_record(path: Path, record: dict) -> None:
+    line = json.dumps(record, default=_json_default)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+
+
+def _label_record(label: np.ndarray, voxel_ml: float) -> dict[str, Any]:
+    counts = np.bincount(np.asarray(label).ravel().astype(np.int64), minlength=max(LABELS) + 1)
+    rec: dict[str, Any] = {"fg_voxels": int(counts[1:].sum()), "voxel_ml": voxel_ml}
+    for lab, organ in LABELS.items():
+        rec[f"ml_{organ.name}"] = float(counts[lab]) * voxel_ml if lab < len(counts) else 0.0
+    return rec
+
+
+def _record_from_file(case: str, path: Path) -> dict[str, Any]:
+    """A record for a label written by an earlier (interrupted) run whose record was lost."""
+    label, geom = read_label_map(path)
+    return {"case": case, "index": None, "pid": None, "seconds": None, "rss_mib": None, "peak_rss_mib": None,
+            "recovered": True, **_label_record(label, float(np.prod(geom.spacing)) / 1000.0)}
+
+
+def memory_summary(records: Sequence[Mapping[str, Any]], early: int = 10) -> dict[str, Any]:
+    """RSS at the `early`-th and the last case predicted by the last process of a round (cases
+    predicted by earlier, interrupted processes are not comparable). Growth in MiB and percent."""
+    recs = [r for r in records if r.get("rss_mib") is not None and r.get("pid") is not None]
+    if not recs:
+        return {}
+    pid = recs[-1]["pid"]
+    session = sorted((r for r in recs if r["pid"] == pid), key=lambda r: r["index"])
+    if not session:
+        return {}
+    e = session[min(early, len(session)) - 1]
+    last = session[-1]
+    out = {"cases_in_session": len(session), "early_case_index": min(early, len(session)),
+           "rss_early_mib": e["rss_mib"], "rss_last_mib": last["rss_mib"],
+           "rss_growth_mib": last["rss_mib"] - e["rss_mib"],
+           "rss_growth_pct": 100.0 * (last["rss_mib"] - e["rss_mib"]) / e["rss_mib"] if e["rss_mib"] else None,
+           "peak_rss_early_mib": e["peak_rss_mib"], "peak_rss_last_mib": last["peak_rss_mib"],
+           "peak_rss_growth_mib": last["peak_rss_mib"] - e["peak_rss_mib"],
+           "rss_max_mib": max(r["rss_mib"] for r in session)}
+    return out
+
+
+def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled_dir: str | Path, *,
+                  folds: Sequence[int | str] | None = None, tta: bool = False, device: str = "auto",
+                  cases: Iterable[str] | None = None, predictor_factory: PredictorFactory | None = None,
+                  training: Mapping[str, Any] | None = None, progress: Callable[[str], None] | None = None
+                  ) -> RoundInfo:
+    """Predict every unlabelled case into round k's folder (resumable; see module docstring).
+
+    model_dir: nnU-Net results folder (`Trainer__Plans__3d_fullres`); folds: the folds to ensemble
+    (None: every fold_N with checkpoint_final.pth); tta: nnU-Net mirroring. `predictor_factory`
+    (model_dir, folds, tta, device) -> object with `predict_case(image, output=..., case_id=...)`
+    replaces the default predictor (tests). `training`: what made the model (stored in the manifest).
+    """
+    say = progress or (lambda s: None)
+    folder = round_dir(run_dir, k)
+    model_dir = Path(model_dir).resolve()
+    images = unlabelled_images(unlabelled_dir, cases)
+    ids = list(images)
+    folds_l = _folds_list(folds)
+    if folds_l is None:
+        if not model_dir.is_dir():
+            raise FlareInputError(model_dir, "model folder not found")
+        folds_l = _available_folds(model_dir)
+        if not folds_l:
+            raise FlareInputError(model_dir, "no fold_N/checkpoint_final.pth in the model folder")
+    request = {"round": int(k), "model": str(model_dir), "folds": [str(f) for f in folds_l], "tta": bool(tta),
+               "mode": "full", "unlabelled_dir": str(Path(unlabelled_dir).resolve())}
+
+    done = read_round(run_dir, k)
+    if done is not None and sorted(done.cases) == sorted(ids) and \
+            all((folder / f"{c}.nii.gz").is_file() for c in ids):
+        _check_request(folder, request)
+        done.skipped = True
+        say(f"round {k}: complete ({len(ids)} cases), skipped")
+        return done
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_request(folder, request)
+    if not (folder / REQUEST_FILE).is_file():
+        _write_json(folder / REQUEST_FILE, {**request, "created": _now()})
+    _remove_stale_temporaries(folder)
+    (folder / MANIFEST_FILE).unlink(missing_ok=True)       # the case list changed: not complete any more
+    records_path = folder / RECORDS_FILE
+    records = _read_records(records_path)
+    todo = [c for c in ids if not (folder / f"{c}.nii.gz").is_file()]
+    n_reused = len(ids) - len(todo)
+    say(f"round {k}: {len(todo)} case(s) to predict, {n_reused} already written")
+
+    t_round = time.perf_counter()
+    device_used = device
+    if todo:
+        factory = predictor_factory or default_predictor_factory
+        predictor = factory(model_dir, folds_l, bool(tta), device)
+        device_used = str(getattr(predictor, "device", device))
+        pid = os.getpid()
+        for n, case in enumerate(todo, start=1):
+            t0 = time.perf_counter()
+            out = folder / f"{case}.nii.gz"
+            label, _ = predictor.predict_case(images[case], output=out, case_id=case)
+            seconds = time.perf_counter() - t0
+            voxel_ml = _voxel_ml(images[case])
+            rec = {"case": case, "index": n, "pid": pid, "seconds": round(seconds, 4),
+                   "rss_mib": round(current_rss_mib(), 2), "peak_rss_mib": round(_peak_rss_mib(), 2),
+                   "recovered": False, **_label_record(label, voxel_ml)}
+            del label
+            _append_record(records_path, rec)
+            records[case] = rec
+            if n % 50 == 0 or n == len(todo):
+                say(f"round {k}: {n}/{len(todo)} predicted (RSS {rec['rss_mib']:.0f} MiB)")
+        del predictor
+    predict_s = time.perf_counter() - t_round
+
+    for c in ids:                                 # labels whose record an interrupted run lost
+        if c not in records:
+            records[c] = _record_from_file(c, folder / f"{c}.nii.gz")
+    rows = [records[c] for c in ids]
+    atomic_write_text(folder / CASES_CSV, pd.DataFrame(rows).to_csv(index=False))
+    session = [records[c] for c in todo]
+    info = RoundInfo(round=int(k), folder=folder, model=str(model_dir), folds=[str(f) for f in folds_l],
+                     tta=bool(tta), cases=ids, n_cases=len(ids), n_predicted=len(todo), n_reused=n_reused,
+                     predict_s=round(predict_s, 3), training=dict(training) if training else None,
+                     memory=memory_summary(session), device=device_used, created=_now())
+    _write_json(folder / MANIFEST_FILE, info.to_dict())
+    _write_summary(run_dir)
+    return info
+
+
+def _voxel_ml(image: Path) -> float:
+    import nibabel as nib
+    zooms = nib.load(str(image)).header.get_zooms()[:3]
+    return float(np.prod([float(z) for z in zooms])) / 1000.0
+
+
+def _check_request(folder: Path, request: Mapping[str, Any]) -> None:
+    old = _read_json(folder / REQUEST_FILE)
+    if not old:
+        return
+    diff = [k for k in ("model", "folds", "tta", "mode") if old.get(k) != request.get(k)]
+    if diff:
+        raise FlareInputError(folder, f"this round was started with another {', '.join(diff)} "
+                                      f"({ {k: old.get(k) for k in diff} } vs { {k: request.get(k) for k in diff} }); "
+                                      f"rounds are never overwritten: use another run_dir or delete the folder")
+
+
+def _write_summary(run_dir: str | Path) -> None:
+    rounds = [read_round(run_dir, k) for k in completed_rounds(run_dir)]
+    _write_json(Path(run_dir) / PSEUDO_DIR / SUMMARY_FILE,
+                {"rounds": [{k: v for k, v in r.to_dict().items() if k != "cases"} for r in rounds if r]})
+
+
+# ----------------------------------------------------------------------------------------------
+# Retraining
+
+TrainFn = Callable[..., Path]
+
+
+def _default_train_fn(dataset_id, plans_identifier, fold, trainer, config, run_dir) -> Path:
+    import matplotlib
+
+    _ensure_pseudo_trainers_registered()
+    from .training.api import train
+    # nnU-Net's progress plot calls seaborn.set(font_scale=2.5), which changes matplotlib's global
+    # style for every later figure of the calling process (notebook): keep it inside
+    with matplotlib.rc_context():
+        return train(dataset_id, plans_identifier, fold, trainer=trainer, config=config, run_dir=run_dir)
+
+
+def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_identifier: str,
+                  unlabelled_dir: str | Path, *, training_config: Mapping[str, Any] | Any | None = None,
+                  trainer: str = PSEUDO_TRAINER, folds: Sequence[int | str] = ("all",), device: str = "auto",
+                  seed: int | None = 0, train_fn: TrainFn | None = None,
+                  progress: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+    """Train round k's big model on labelled + ALL pseudo-labelled cases of round k-1.
+
+    Writes `round_<k>/training_selection.json` (every case of round k-1; the pseudo-label trainer's
+    format), trains each fold of `folds` with `trainer` through `flare_utils.training.train` into
+    the run's nnU-Net results folder, and copies the model (plans, dataset.json, each fold's
+    checkpoint_final.pth and logs) into `round_<k>/model` (atomically; its marker makes a rerun
+    reuse it). `training_config`: a TrainingConfig / dict (budget, lr, ...); `selection_file` is
+    set here, `device` and `seed` default to the arguments, `final_validation` to False.
+    Returns (model folder, training record).
+    """
+    say = progress or (lambda s: None)
+    if int(k) < 2:
+        raise FlareInputError(None, "round 1 is predicted by the teacher; retraining starts at round 2")
+    prev = read_round(run_dir, k - 1)
+    if prev is None:
+        raise FlareInputError(round_dir(run_dir, k - 1), f"round {k - 1} is not complete; it must be before "
+                                                         f"round {k} can be trained")
+    folder = round_dir(run_dir, k)
+    model_dir = folder / MODEL_DIR
+    marker = _read_json(model_dir / MODEL_MARKER)
+    if marker is not None:
+        say(f"round {k}: model already trained ({model_dir}), reused")
+        return model_dir, marker
+    folder.mkdir(parents=True, exist_ok=True)
+    from .selection import write_trainer_selection
+    selection = write_trainer_selection(folder / SELECTION_FILE, prev.cases, prev.folder, unlabelled_dir,
+                                        {"source": "flare_utils.pseudo", "round": int(k),
+                                         "pseudo_labels_of_round": int(k - 1), "rule": "all cases"})
+    if training_config is None:
+        cfg: dict[str, Any] = {}
+    elif hasattr(training_config, "to_dict"):
+        cfg = dict(training_config.to_dict())
+    else:
+        cfg = dict(training_config)
+    cfg["selection_file"] = str(selection.resolve())
+    cfg.setdefault("device", device)
+    if seed is not None:
+        cfg.setdefault("seed", int(seed))
+    cfg.setdefault("final_validation", False)
+    fn = train_fn or _default_train_fn
+    t0 = time.perf_counter()
+    results = None
+    folds_l = _folds_list(folds) or ["all"]
+    for f in folds_l:
+        say(f"round {k}: training {trainer} fold {f} on labelled + {len(prev.cases)} pseudo-labelled cases")
+        results = Path(fn(dataset_id, plans_identifier, f, trainer, cfg, run_dir))
+    train_s = time.perf_counter() - t0
+    record = {"trainer": trainer, "plans": plans_identifier, "dataset": str(dataset_id),
+              "folds": [str(f) for f in folds_l], "selection_file": str(selection), "n_pseudo": len(prev.cases),
+              "pseudo_labels_of_round": int(k - 1), "results_folder": str(results), "train_s": round(train_s, 2),
+              "config": cfg, "created": _now()}
+    with atomic_directory(model_dir, overwrite=True) as tmp:
+        for name in _MODEL_FILES:
+            if (results / name).is_file():
+                shutil.copy2(results / name, tmp / name)
+        for f in folds_l:
+            src = results / f"fold_{f}"
+            if not (src / "checkpoint_final.pth").is_file():
+                raise FlareInputError(src, "training finished without checkpoint_final.pth")
+            (tmp / f"fold_{f}").mkdir()
+            for p in src.iterdir():
+                if p.is_file() and (p.name in _FOLD_FILES or p.name.startswith("training_log")):
+                    shutil.copy2(p, tmp / f"fold_{f}" / p.name)
+        (tmp / MODEL_MARKER).write_text(json.dumps(record, indent=1, default=_json_default))
+    return model_dir, record
+
+
+def _teacher_plans_identifier(teacher_results: Path) -> str:
+    d = _read_json(teacher_results / "plans.json")
+    if not d or "plans_name" not in d:
+        raise FlareInputError(teacher_results / "plans.json", "cannot read the plans name of the teacher model; "
+                                                               "pass plans=<plans identifier>")
+    return str(d["plans_name"])
+
+
+def run_rounds(run_dir: str | Path, dataset_id: int | str, teacher_results: str | Path, unlabelled_dir: str | Path,
+               rounds: int = 3, *, plans: str | None = None, training_config: Mapping[str, Any] | Any | None = None,
+               folds: Sequence[int | str] | None = None, tta: bool = False, device: str = "auto",
+               seed: int | None = 0, trainer: str = PSEUDO_TRAINER, retrain_folds: Sequence[int | str] = ("all",),
+               cases: Iterable[str] | None = None, predictor_factory: PredictorFactory | None = None,
+               train_fn: TrainFn | None = None, progress: Callable[[str], None] | None = print) -> list[RoundInfo]:
+    """K rounds of pseudo labels (module docstring). Round 1: `teacher_results` (folds `folds`, None =
+    all trained folds) predicts; round k >= 2: a `trainer` model (plans `plans`, default the
+    teacher's plans) is trained on labelled + round k-1's pseudo labels (`retrain_folds`, default
+    one model on all labelled cases, fold "all") and predicts. Completed rounds/models are reused.
+    Returns the RoundInfo of every round, in order."""
+    if int(rounds) < 1:
+        raise FlareInputError(None, f"rounds must be >= 1, got {rounds}")
+    teacher_results = Path(teacher_results)
+    case_list = list(unlabelled_images(unlabelled_dir, cases))
+    infos = [predict_round(run_dir, 1, teacher_results, unlabelled_dir, folds=folds, tta=tta, device=device,
+                           cases=case_list, predictor_factory=predictor_factory,
+                           training={"teacher": str(teacher_results)}, progress=progress)]
+    if int(rounds) >= 2:
+        plans = plans or _teacher_plans_identifier(teacher_results)
+    for k in range(2, int(rounds) + 1):
+        done = read_round(run_dir, k)
+        if done is not None and sorted(done.cases) == sorted(case_list):
+            infos.append(predict_round(run_dir, k, done.model, unlabelled_dir, folds=done.folds, tta=done.tta,
+                                       device=device, cases=case_list, predictor_factory=predictor_factory,
+                                       progress=progress))
+            continue
+        model_dir, record = retrain_round(run_dir, k, dataset_id, plans, unlabelled_dir,
+                                          training_config=training_config, trainer=trainer, folds=retrain_folds,
+                                          device=device, seed=seed, train_fn=train_fn, progress=progress)
+        infos.append(predict_round(run_dir, k, model_dir, unlabelled_dir, folds=record["folds"], tta=tta,
+                                   device=device, cases=case_list, predictor_factory=predictor_factory,
+                                   training=record, progress=progress))
+    return infos
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables for the notebooks
+
+def _rounds_or_all(run_dir, rounds) -> list[int]:
+    ks = completed_rounds(run_dir) if rounds is None else [int(k) for k in rounds]
+    for k in ks:
+        if read_round(run_dir, k) is None:
+            raise FlareInputError(round_dir(run_dir, k), f"round {k} is not complete")
+    return ks
+
+
+def round_cases(run_dir: str | Path, k: int) -> pd.DataFrame:
+    """cases.csv of a completed round: one row per case (time, RSS, organ volumes)."""
+    if read_round(run_dir, k) is None:
+        raise FlareInputError(round_dir(run_dir, k), f"round {k} is not complete")
+    return pd.read_csv(round_dir(run_dir, k) / CASES_CSV, dtype={"case": str})
+
+
+def round_table(run_dir: str | Path, rounds: Iterable[int] | None = None) -> pd.DataFrame:
+    """One row per completed round: model, folds, cases, prediction time, memory figures."""
+    rows = []
+    for k in _rounds_or_all(run_dir, rounds):
+        r = read_round(run_dir, k)
+        rows.append({"round": k, "model": Path(r.model).name if Path(r.model).name != MODEL_DIR
+                     else f"round_{k:02d}/model", "folds": ",".join(r.folds), "tta": r.tta, "cases": r.n_cases,
+                     "predicted": r.n_predicted, "reused": r.n_reused, "predict_s": r.predict_s,
+                     "train_s": (r.training or {}).get("train_s"),
+                     "rss_early_mib": r.memory.get("rss_early_mib"), "rss_last_mib": r.memory.get("rss_last_mib")})
+    return pd.DataFrame(rows).set_index("round") if rows else pd.DataFrame()
+
+
+def round_volumes(run_dir: str | Path, rounds: Iterable[int] | None = None) -> pd.DataFrame:
+    """Organ volumes (ml) per case and round, long format: round, case, organ, ml."""
+    frames = []
+    for k in _rounds_or_all(run_dir, rounds):
+        df = round_cases(run_dir, k)
+        cols = [c for c in df.columns if c.startswith("ml_")]
+        long = df.melt(id_vars=["case"], value_vars=cols, var_name="organ", value_name="ml")
+        long["organ"] = long["organ"].str[len("ml_"):]
+        long.insert(0, "round", k)
+        frames.append(long)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["round", "case", "organ", "ml"])
+
+
+def _agreement_job(job: tuple) -> dict[str, Any]:
+    from .selection import compare_labels
+    k, case, prev_path, cur_path = job
+    prev, g0 = read_label_map(prev_path)
+    cur, g1 = read_label_map(cur_path)
+    problem = g0.mismatch(g1)
+    if problem is not None:
+        raise FlareInputError(cur_path, f"geometry differs from {prev_path}: {problem}")
+    c = compare_labels(prev, cur)
+    row = {"round": k, "case": case, "changed_voxels": c["changed"], "changed_fraction": c["changed_fraction"],
+           "changed_vs_foreground": c["term"], "fg_prev": c["fg_prev"], "fg_cur": c["fg_cur"]}
+    row.update({f"dsc_{LABELS[lab].name}": v for lab, v in c["dsc"].items()})
+    return row
+
+
+def round_agreement(run_dir: str | Path, rounds: Iterable[int] | None = None, processes: int = 1) -> pd.DataFrame:
+    """Agreement of each round with the previous one, one row per (round k >= 2, case): changed
+    voxels, their fraction of the volume, their ratio to round k's foreground (equation (1)'s
+    term), and the Dice between the rounds per organ (`dsc_<organ>`; both empty = 1)."""
+    from .parallel import map_processes
+    ks = _rounds_or_all(run_dir, rounds)
+    jobs = []
+    for a, b in zip(ks, ks[1:]):
+        ra, rb = read_round(run_dir, a), read_round(run_dir, b)
+        for c in rb.cases:
+            if c in set(ra.cases):
+                jobs.append((b, c, str(ra.folder / f"{c}.nii.gz"), str(rb.folder / f"{c}.nii.gz")))
+    rows = map_processes(_agreement_job, jobs, processes) if jobs else []
+    return pd.DataFrame(rows)
+
+
+def _quality_job(job: tuple) -> dict[str, Any]:
+    from .metrics import evaluate_case
+    k, case, pred_path, truth_path = job
+    pred, gp = read_label_map(pred_path)
+    gt, gg = read_label_map(truth_path)
+    problem = gg.mismatch(gp)
+    if problem is not None:
+        raise FlareInputError(pred_path, f"geometry differs from the ground truth {truth_path}: {problem}")
+    present = sorted((set(np.unique(gt).tolist()) | set(np.unique(pred).tolist())) & set(LABELS))
+    row: dict[str, Any] = {"round": k, "case": case}
+    scores = evaluate_case(pred, gt, gg.spacing, labels=present) if present else {}
+    for lab in LABELS:
+        row[f"dsc_{LABELS[lab].name}"] = float(scores[lab].dsc) if lab in scores else 1.0
+    vals = [float(s.dsc) for s in scores.values() if s.dsc is not None and not math.isnan(float(s.dsc))]
+    row["mean_dsc"] = float(np.mean(vals)) if vals else float("nan")   # NaN: official z-cut left nothing
+    row["organs_in_truth"] = int(len(set(np.unique(gt).tolist()) & set(LABELS)))
+    return row
+
+
+def pseudo_label_quality(run_dir: str | Path, truth_dir: str | Path, rounds: Iterable[int] | None = None,
+                         processes: int = 1) -> pd.DataFrame:
+    """FLARE22 DSC of each round's pseudo labels against ground truth (e.g. the synthetic cohort's
+    `SyntheticTruth/unlabelled_labels/<case>.nii.gz`), one row per (round, case): `dsc_<organ>`
+    (1 when the organ is absent from both; NaN where the official z-range cut of aorta/IVC/esophagus
+    leaves nothing) and `mean_dsc`, the mean over the organs present in the truth or the pseudo label
+    (NaNs skipped; NaN when both maps are empty). Cases without truth are left out."""
+    from .parallel import map_processes
+    truth_dir = Path(truth_dir)
+    if not truth_dir.is_dir():
+        raise FlareInputError(truth_dir, "ground-truth folder not found")
+    jobs = []
+    for k in _rounds_or_all(run_dir, rounds):
+        r = read_round(run_dir, k)
+        for c in r.cases:
+            t = truth_dir / f"{c}.nii.gz"
+            if t.is_file():
+                jobs.append((k, c, str(r.folder / f"{c}.nii.gz"), str(t)))
+    rows = map_processes(_quality_job, jobs, processes) if jobs else []
+    return pd.DataFrame(rows)
