@@ -279,7 +279,8 @@ def _monitor(enabled: bool):
         yield SimpleNamespace(result=None)
 
 
-def _normalise_folds(folds) -> tuple | None:
+def normalise_folds(folds) -> tuple | None:
+    """Folds as a tuple of ints and/or 'all' (None stays None); bad values are FlareInputErrors."""
     if folds is None:
         return None
     if isinstance(folds, (str, int)):
@@ -392,7 +393,7 @@ def _make_class():
             for f in ("plans.json", "dataset.json"):
                 if not (model_dir / f).is_file():
                     raise FlareInputError(model_dir, f"not an nnU-Net v2 results folder: {f} is missing")
-            use_folds = _normalise_folds(use_folds)
+            use_folds = normalise_folds(use_folds)
             available = sorted(p.name for p in model_dir.glob("fold_*") if (p / checkpoint_name).is_file())
             if use_folds is None:
                 use_folds = tuple(int(n[5:]) for n in available if n[5:].isdigit())

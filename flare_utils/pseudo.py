@@ -173,17 +173,6 @@ def unlabelled_images(unlabelled_dir: str | Path, cases: Iterable[str] | None = 
     return found
 
 
-def _folds_list(folds) -> list | None:
-    if folds is None:
-        return None
-    if isinstance(folds, (str, int)):
-        folds = [folds]
-    out = []
-    for f in folds:
-        f = str(f)
-        out.append(int(f) if f.isdigit() else f)
-    return out
-
 
 def _available_folds(model_dir: Path, checkpoint: str = "checkpoint_final.pth") -> list:
     out = []
@@ -363,7 +352,8 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
     model_dir = Path(model_dir).resolve()
     images = unlabelled_images(unlabelled_dir, cases)
     ids = list(images)
-    folds_l = _folds_list(folds)
+    from .inference import normalise_folds
+    folds_l = None if folds is None else list(normalise_folds(folds))
     if folds_l is None:
         if not model_dir.is_dir():
             raise FlareInputError(model_dir, "model folder not found")
@@ -519,7 +509,8 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
     fn = train_fn or _default_train_fn
     t0 = time.perf_counter()
     results = None
-    folds_l = _folds_list(folds) or ["all"]
+    from .inference import normalise_folds
+    folds_l = list(normalise_folds(folds) or ("all",))
     for f in folds_l:
         say(f"round {k}: training {trainer} fold {f} on labelled + {len(prev.cases)} pseudo-labelled cases")
         results = Path(fn(dataset_id, plans_identifier, f, trainer, cfg, run_dir))

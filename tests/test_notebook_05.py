@@ -11,34 +11,13 @@ import nbformat
 import pandas as pd
 import pytest
 import torch
+from tiny_data import DATASET, UNLABELLED, build_tiny  # noqa: E402
 
 pm = pytest.importorskip("papermill")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "05_student_training.ipynb"
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "FLARE_TRAINING_CONFIG")
-DATASET = 511
-UNLABELLED = ["Case_00001", "Case_00002", "Case_00003"]
 
-
-def build_tiny(base: Path) -> Path:
-    """Same tiny dataset as tests/test_training_pseudo.py (shared per session when both run)."""
-    root = base / "flare_tiny_pseudo"
-    if (root / ".complete").is_file():
-        return root
-    if root.exists():
-        shutil.rmtree(root)
-    from flare_utils.convert import convert_flare22
-    from flare_utils.phantom import write_cohort
-    from flare_utils.plans import PlanVariant, plan_and_preprocess
-    from flare_utils.training.api import point_nnunet_at
-    point_nnunet_at(root)
-    write_cohort(root / "cohort", 5, 3, 1, preset="tiny", fov_mix="abdomen")
-    convert_flare22(root / "cohort", root / "nnUNet_raw", DATASET, "PseudoTiny")
-    v = PlanVariant("pseudotest", "unit-test scale", base_features=4, max_features=32, n_conv_per_stage=1,
-                    n_downsamplings=2, patch_size_zyx=(16, 32, 32), spacing_zyx=(8.0, 8.0, 8.0), batch_size=2)
-    plan_and_preprocess(DATASET, (v,), processes=1, verify=False)
-    (root / ".complete").write_text("ok")
-    return root
 
 
 @pytest.fixture(scope="module")

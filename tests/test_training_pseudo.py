@@ -13,39 +13,14 @@ import torch
 
 from flare_utils.errors import FlareInputError
 from flare_utils.training import pseudo as P
+from tiny_data import DATASET, UNLABELLED, build_tiny  # noqa: E402
 
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "FLARE_TRAINING_CONFIG")
-DATASET = 511
 PLANS = "nnUNetPlans_pseudotest"
-UNLABELLED = ["Case_00001", "Case_00002", "Case_00003"]
 
 
 # ------------------------------------------------------------------------------ tiny dataset
 
-def tiny_variant():
-    from flare_utils.plans import PlanVariant
-    return PlanVariant("pseudotest", "unit-test scale", base_features=4, max_features=32, n_conv_per_stage=1,
-                       n_downsamplings=2, patch_size_zyx=(16, 32, 32), spacing_zyx=(8.0, 8.0, 8.0), batch_size=2)
-
-
-def build_tiny(base: Path) -> Path:
-    """5 labelled + 3 unlabelled (+ truth) + 1 test tiny phantom cases, converted and planned with
-    the `pseudotest` variant; built once per session (under pytest's base temp) and copied."""
-    root = base / "flare_tiny_pseudo"
-    if (root / ".complete").is_file():
-        return root
-    if root.exists():
-        shutil.rmtree(root)
-    from flare_utils.convert import convert_flare22
-    from flare_utils.phantom import write_cohort
-    from flare_utils.plans import plan_and_preprocess
-    from flare_utils.training.api import point_nnunet_at
-    point_nnunet_at(root)
-    write_cohort(root / "cohort", 5, 3, 1, preset="tiny", fov_mix="abdomen")
-    convert_flare22(root / "cohort", root / "nnUNet_raw", DATASET, "PseudoTiny")
-    plan_and_preprocess(DATASET, (tiny_variant(),), processes=1, verify=False)
-    (root / ".complete").write_text("ok")
-    return root
 
 
 def copy_tiny(tmp_path_factory, name: str) -> Path:
