@@ -31,10 +31,10 @@ from typing import Sequence
 REQUEST_FILE = "flare_demo_model.json"
 
 
-def _tiny_variant(patch_zyx: Sequence[int], spacing_zyx: Sequence[float]):
+def _tiny_variant(patch_zyx: Sequence[int], spacing_zyx: Sequence[float], n_conv: int = 1):
     from .plans import PlanVariant
     return PlanVariant("inference_tiny", "tiny network for inference tests", base_features=8, max_features=32,
-                       n_conv_per_stage=1, n_downsamplings=2, patch_size_zyx=tuple(int(v) for v in patch_zyx),
+                       n_conv_per_stage=n_conv, n_downsamplings=2, patch_size_zyx=tuple(int(v) for v in patch_zyx),
                        spacing_zyx=tuple(float(v) for v in spacing_zyx), batch_size=2)
 
 
@@ -43,13 +43,18 @@ def train_demo_model(run_dir: str | Path, *, dataset_id: int = 951, name: str = 
                      fov: str | Sequence[str] = ("abdomen", "whole_body", "chest_abdomen_pelvis"), variant: str = "tiny",
                      patch_zyx: Sequence[int] = (16, 32, 32), spacing_zyx: Sequence[float] = (8.0, 6.0, 6.0),
                      epochs: int = 4, iterations: int = 25, extra_folds: Sequence[str | int] = (),
-                     augment: bool = False, seed: int = 0, timeout: float = 1800) -> Path:
+                     augment: bool = False, oversample_foreground: float | None = None, n_conv: int = 1,
+                     seed: int = 0, timeout: float = 1800) -> Path:
     """Train (or reuse) a small model; returns its nnU-Net results folder.
 
     fov: a field of view, or a list cycled over the cases (None: drawn from the preset).
-    variant: "tiny" (a project-local plan: 8 features, 1 conv per stage, 2 downsamplings, patch
+    variant: "tiny" (a project-local plan: 8 features, `n_conv` convs per stage, 2 downsamplings, patch
     `patch_zyx` at `spacing_zyx`) or any name of `flare_utils.plans.PLAN_VARIANTS` (e.g.
     "efficient_demo"; `patch_zyx`/`spacing_zyx` are then ignored).
+    oversample_foreground: share of training patches forced to contain foreground (nnU-Net: 0.33);
+    more helps a very short schedule leave the "all background" phase.
+    Training is seeded (python, numpy, torch) and single-threaded, so a request gives the same
+    weights on the same machine.
     """
     run_dir = Path(run_dir).resolve()
     fovs = [fov] if isinstance(fov, str) or fov is None else list(fov)
@@ -57,6 +62,10 @@ def train_demo_model(run_dir: str | Path, *, dataset_id: int = 951, name: str = 
                    variant=variant, patch_zyx=list(patch_zyx), spacing_zyx=list(spacing_zyx),
                    epochs=int(epochs), iterations=int(iterations), extra_folds=[str(f) for f in extra_folds],
                    augment=bool(augment), seed=int(seed))
+    if oversample_foreground is not None:      # only when set, so older requests stay valid
+        request["oversample_foreground"] = float(oversample_foreground)
+    if n_conv != 1:
+        request["n_conv"] = int(n_conv)
     marker = run_dir / REQUEST_FILE
     if marker.is_file():
         done = json.loads(marker.read_text())
@@ -91,7 +100,7 @@ def _write_raw_dataset(raw: Path, req: dict) -> Path:
     return ds
 
 
-def _make_trainer_class(epochs: int, iterations: int, augment: bool):
+def _make_trainer_class(epochs: int, iterations: int, augment: bool, oversample: float | None = None):
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as _Stock
 
@@ -103,6 +112,8 @@ def _make_trainer_class(epochs: int, iterations: int, augment: bool):
             self.num_iterations_per_epoch = iterations
             self.num_val_iterations_per_epoch = 2
             self.save_every = 10 ** 9
+            if oversample is not None:
+                self.oversample_foreground_percent = oversample
 
         if not augment:
             def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
@@ -144,9 +155,15 @@ def _child(run_dir: Path, req: dict) -> None:
     import torch
     from .paths import use_nnunet_folders
     layout = use_nnunet_folders(run_dir)
+    import random
+
+    import numpy as np
+    random.seed(req["seed"])
+    np.random.seed(req["seed"])            # nnU-Net's data loader draws cases and patches from numpy
     torch.manual_seed(req["seed"])
     ds = _write_raw_dataset(layout.nnunet_raw, req)
-    variant = _tiny_variant(req["patch_zyx"], req["spacing_zyx"]) if req["variant"] == "tiny" else req["variant"]
+    variant = _tiny_variant(req["patch_zyx"], req["spacing_zyx"], req.get("n_conv", 1)) \
+        if req["variant"] == "tiny" else req["variant"]
     plans = _plan_and_preprocess(req["dataset_id"], ds.name, variant, layout.nnunet_preprocessed)
     pre = layout.nnunet_preprocessed / ds.name
     dataset_json = json.loads((pre / "dataset.json").read_text()) if (pre / "dataset.json").is_file() else \
@@ -156,7 +173,8 @@ def _child(run_dir: Path, req: dict) -> None:
     # one thread: a small network gains little from more, and OpenMP threads that spin-wait on a busy
     # shared CPU can slow training down by an order of magnitude
     torch.set_num_threads(int(os.environ.get("FLARE_DEMO_TRAIN_THREADS", "1")))
-    trainer_cls = _make_trainer_class(req["epochs"], req["iterations"], req["augment"])
+    trainer_cls = _make_trainer_class(req["epochs"], req["iterations"], req["augment"],
+                                      req.get("oversample_foreground"))
     trainer = trainer_cls(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
     trainer.run_training()
     results = Path(trainer.output_folder_base)

@@ -42,6 +42,10 @@ resamples + writes the previous one in another, so the network does not wait on 
 resumable (cases whose output exists are skipped) and outputs appear atomically. In folder mode
 the phases of neighbouring cases overlap; each case's ResourceMonitor covers its network phase.
 
+CPU notes: on a CPU shared with other jobs, start Python with `OMP_WAIT_POLICY=PASSIVE` (idle
+OpenMP threads then sleep instead of spinning; spinning made 2-thread convolutions up to 20x
+slower in the benchmark), and fewer torch threads may be faster (`torch.set_num_threads`).
+
 Example::
 
     p = EfficientPredictor.from_results_folder(model_dir, folds=(0,), mode="efficient")

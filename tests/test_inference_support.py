@@ -17,7 +17,7 @@ import pytest
 MODEL_REQUEST = dict(dataset_id=951, name="InferenceTiny", n_cases=6, preset="tiny",
                      fov=("abdomen", "whole_body", "chest_abdomen_pelvis"), variant="tiny",
                      patch_zyx=(16, 32, 32), spacing_zyx=(8.0, 6.0, 6.0), epochs=20, iterations=50,
-                     extra_folds=(1, "all"), seed=0)
+                     extra_folds=(1, "all"), oversample_foreground=0.66, n_conv=2, seed=0)
 
 
 def _cache_dir(request, tmp_path_factory, name: str) -> Path:
