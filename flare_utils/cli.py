@@ -43,12 +43,23 @@ def _cmd_convert_dicom(a: argparse.Namespace) -> int:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from .pipeline import StageFailed, run_study
+    from .pipeline import StageFailed, main_progress_stream, run_study
     try:
-        run_study(a.params, run_dir=a.run_dir)
+        results = run_study(a.params, run_dir=a.run_dir, start_from=a.start_from, only=a.only,
+                            progress_stream=main_progress_stream(), command=" ".join(["flare-study", *sys.argv[1:]]))
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print("\n".join(f"  {r.status:>8}  {r.name:<24} {'' if r.seconds is None else f'{r.seconds:7.1f} s'}"
+                    for r in results))
+    return 0
+
+
+def _cmd_status(a: argparse.Namespace) -> int:
+    from .pipeline import study_status
+    rows = study_status(a.params, run_dir=a.run_dir)
+    for unit, done, why in rows:
+        print(f"  {'complete' if done else 'to run':>8}  {unit:<24} {why}")
     return 0
 
 
@@ -109,10 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--series-uid", default=None)
     d.set_defaults(func=_cmd_convert_dicom)
 
-    r = sub.add_parser("run", help="run the study stages of a params YAML with papermill")
+    r = sub.add_parser("run", help="run the study stages of a params YAML with papermill (complete stages are "
+                                   "skipped; log in <run_dir>/logs/run.log, report in <run_dir>/index.html)")
     r.add_argument("params", type=Path)
     r.add_argument("--run-dir", type=Path, default=None, help="overrides params.run_dir")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--from", dest="start_from", metavar="STAGE", default=None,
+                   help="re-run this stage and every later one (earlier stages must be complete)")
+    g.add_argument("--only", nargs="+", metavar="STAGE", default=None,
+                   help="re-run just these stages (later stages become stale and re-run next time)")
     r.set_defaults(func=_cmd_run)
+
+    st = sub.add_parser("status", help="which stages of a study are complete and which would run (runs nothing)")
+    st.add_argument("params", type=Path)
+    st.add_argument("--run-dir", type=Path, default=None, help="overrides params.run_dir")
+    st.set_defaults(func=_cmd_status)
 
     e = sub.add_parser("evaluate", help="FLARE22 DSC/NSD of a prediction folder against ground truth")
     e.add_argument("pred_dir", type=Path)

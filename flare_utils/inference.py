@@ -74,6 +74,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from .progress import report as report_progress
 from .errors import FlareInputError
 from .io import case_id_from_path, save_nifti_like
 from .resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape,
@@ -796,6 +797,7 @@ def _make_class():
                         if on_error == "raise":
                             stop.set()
                     reports[cid] = rep
+                    report_progress(f"inference {out_dir.name}: cases", len(reports), len(jobs))
 
             t_r = threading.Thread(target=reader, name="flare-prefetch", daemon=True)
             t_w = threading.Thread(target=writer, name="flare-writer", daemon=True)

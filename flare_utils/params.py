@@ -60,6 +60,35 @@ class TeacherParams:
     num_threads: int | None = None
     n_proc_da: int | None = None
     final_validation: bool = True
+    optimizer: Literal["sgd", "adamw"] = "sgd"   # adamw: nnU-Net's Adam recipe (learns fast; the CPU demo)
+    initial_lr: float | None = None      # None: the optimizer's default (sgd 1e-2, adamw 3e-3)
+
+
+@dataclass
+class PseudoParams:
+    """Pseudo-label rounds (03): the teacher labels every unlabelled scan, then K-1 retrainings
+    on labelled + pseudo-labelled cases each label them again (the models keep the teacher's plans,
+    optimizer and learning rate)."""
+    rounds: int = 3                      # K (the selection stage needs K >= 2)
+    tta: bool = False                    # mirroring at test time
+    retrain_epochs: int = 10
+    retrain_iterations: int = 25
+    retrain_folds: list[int | str] = field(default_factory=lambda: ["all"])
+    retrain_config: dict[str, Any] = field(default_factory=dict)   # more PseudoLabelConfig options
+    num_threads: int | None = None
+    max_cases: int | None = None         # only the first N unlabelled cases (None: all)
+
+
+@dataclass
+class SelectionParams:
+    """Stability-based selection (04): keep the cases whose labels moved least over the rounds."""
+    threshold: float | None = 0.1        # keep u < threshold (the paper's 0.1) ...
+    fraction: float | None = None        # ... or the most stable fraction (threshold: null)
+    labels_round: int = -1               # whose labels the student learns from (-1: the last round)
+    exclude_empty: bool = False
+
+
+STUDENT_VARIANTS = ("labelled_only", "selected", "all")
 
 
 @dataclass
@@ -80,14 +109,31 @@ class StudentParams:
     num_threads: int | None = None
     n_proc_da: int | None = None
     final_validation: bool = True
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    initial_lr: float | None = None
+    # students trained for the comparison: on the labelled cases only, + the selected pseudo-labelled
+    # cases, + every pseudo-labelled case (the last two need the selection stage); the first one
+    # listed is the study's student (the model the inference stage showcases)
+    variants: list[Literal["labelled_only", "selected", "all"]] = field(default_factory=lambda: ["selected"])
+
+
+@dataclass
+class InferenceParams:
+    """Efficient inference (06) of the study's models on the held-out cases."""
+    models: list[str] | Literal["all"] = "all"   # names in the run's models.json, or every trained model
+    input_dir: str | None = None         # None: the dataset's imagesTs (held-out cases)
+    mode: Literal["efficient", "full"] = "efficient"
+    tta: bool = False
+    centre_threshold: int = 1
 
 
 @dataclass
 class EvaluationParams:
-    """Evaluation stage: which prediction folders to score against which ground truth."""
+    """Evaluation stage: which prediction folders to score against which ground truth. In a study
+    the inference stage's predictions are scored automatically; these sets come on top."""
     prediction_sets: dict[str, str] = field(default_factory=dict)
-    ground_truth_dir: str | None = None
-    image_dir: str | None = None         # images for the overlay pictures (optional)
+    ground_truth_dir: str | None = None  # None: the dataset's labelsTs
+    image_dir: str | None = None         # images for the overlay pictures (None: the dataset's imagesTs)
     timing_files: dict[str, str] = field(default_factory=dict)
     revision: Literal["2022", "2024"] = "2022"
     hd95: bool = False
@@ -104,7 +150,10 @@ class StudyParams:
     stages: list[str] = field(default_factory=lambda: ["convert"])
     data: DataParams = field(default_factory=DataParams)
     teacher: TeacherParams = field(default_factory=TeacherParams)
+    pseudo: PseudoParams = field(default_factory=PseudoParams)
+    selection: SelectionParams = field(default_factory=SelectionParams)
     student: StudentParams = field(default_factory=StudentParams)
+    inference: InferenceParams = field(default_factory=InferenceParams)
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,41 +1,67 @@
 """Runs a study: each stage is a parameterised notebook executed by papermill into the run folder.
 
-The runner owns orchestration only (which notebook, which parameters, where the output goes,
-HTML rendering, stopping at the first failure). The science lives in the notebooks' calls into
-flare_utils.
+The runner owns orchestration only: which notebook runs with which parameters, where its output
+goes, HTML rendering, resuming, progress and provenance. The science lives in the notebooks'
+calls into flare_utils.
+
+A stage expands to one or more *units* (one executed notebook each; the student stage runs its
+notebook once per student variant). A unit is complete when its marker `.flare_stages/<unit>.json`
+exists, records the same parameters, its executed notebook is there, and it finished after every
+unit before it (a re-run upstream makes everything downstream stale). `run_study` skips complete
+units; `start_from` re-runs a stage and everything after it; `only` re-runs just the named stages.
+A failing unit leaves its `.partial.ipynb` / `.partial.html`, no marker, and a StageFailed that
+names notebook, cell and partial HTML; what earlier units produced stays valid.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
+import hashlib
 import json
+import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, TextIO
 
 import yaml
 
 from .errors import FlareInputError
 from .io import atomic_write_text
-from .params import StudyParams, load_params
+from .params import STUDENT_VARIANTS, StudyParams, load_params
 from .paths import NOTEBOOK_DIR, RunLayout, nnunet_env
+from .progress import ENV_VAR as PROGRESS_ENV, ProgressWatcher
+
+MARKER_DIR = ".flare_stages"
+STAGES_FILE = "stages.json"
+LOG_FILE = Path("logs") / "run.log"
+PROGRESS_FILE = Path("logs") / "progress.jsonl"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One notebook execution of a stage."""
+    stage: str
+    name: str                            # "teacher", "student:selected"
+    notebook: str                        # source file in notebooks/
+    output: str                          # executed notebook's file name in <run>/notebooks/
+    parameters: Callable[[], dict[str, Any]]   # evaluated when the unit is reached
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    notebook: str                                    # file name in notebooks/
-    parameters: Callable[[StudyParams, RunLayout], dict[str, Any]]
+    notebook: str
+    units: Callable[["Stage", StudyParams, RunLayout], list[Unit]]
 
+
+# ---------------------------------------------------------------------------------------------
+# Parameters of each stage's notebook
 
 def _common(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     return {"run_dir": str(run.root), "seed": p.seed, "device": p.device}
-
-
-def _convert_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
-    d = dataclasses.asdict(p.data)
-    return {**_common(p, run), **d}
 
 
 def _none_to_empty(d: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -43,32 +69,159 @@ def _none_to_empty(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {**d, **{k: (d[k] if d[k] is not None else "") for k in keys}}
 
 
+def _raw_dataset(p: StudyParams, run: RunLayout) -> Path:
+    return run.dataset_dir(p.data.dataset_id, p.data.dataset_name)
+
+
+def _convert_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
+    return {**_common(p, run), **dataclasses.asdict(p.data)}
+
+
 def _teacher_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     t = _none_to_empty(dataclasses.asdict(p.teacher), "init_checkpoint")
     return {**_common(p, run), "dataset_id": p.data.dataset_id, "processes": p.data.processes, **t}
 
 
-def _student_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
+def _pseudo_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
+    from .plans import PLAN_VARIANTS, plans_identifier
+    q, t = p.pseudo, p.teacher
+    plans = plans_identifier(t.plans) if t.plans in PLAN_VARIANTS else t.plans
+    retrain = {"optimizer": t.optimizer, **({"initial_lr": t.initial_lr} if t.initial_lr else {}),
+               **({"num_threads": q.num_threads} if q.num_threads else {}), **q.retrain_config}
+    return {**_common(p, run), "dataset_id": p.data.dataset_id, "plans": plans, "teacher_trainer": t.trainer,
+            "rounds": q.rounds, "folds": t.folds, "tta": q.tta, "retrain_epochs": q.retrain_epochs,
+            "retrain_iterations": q.retrain_iterations, "retrain_folds": q.retrain_folds, "retrain_config": retrain,
+            "max_cases": q.max_cases, "processes": p.data.processes, "torch_threads": q.num_threads}
+
+
+def _select_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
+    return {"run_dir": str(run.root), **dataclasses.asdict(p.selection), "processes": p.data.processes}
+
+
+def _student_parameters(p: StudyParams, run: RunLayout, variant: str) -> dict[str, Any]:
     s = dataclasses.asdict(p.student)
-    if s["selection_file"] is None and "select" in p.stages:
-        s["selection_file"] = str(run.root / "selection" / "selection.json")
-    return {**_common(p, run), "dataset_id": p.data.dataset_id, **_none_to_empty(s, "selection_file")}
+    del s["variants"]
+    selection = {"labelled_only": None,
+                 "selected": s["selection_file"] or str(run.root / "selection" / "selection.json"),
+                 "all": str(run.root / "selection" / "selection_all.json")}[variant]
+    if selection is not None and not Path(selection).is_file():
+        raise FlareInputError(Path(selection), f"student variant '{variant}' needs this selection file: run the "
+                                               "select stage first (or give student.selection_file)")
+    s["selection_file"] = selection
+    return {**_common(p, run), "dataset_id": p.data.dataset_id, **_none_to_empty(s, "selection_file"),
+            "variant": variant}
+
+
+def _infer_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
+    from .run_models import select_models
+    models = select_models(run.root, p.inference.models)
+    if not models:
+        raise FlareInputError(run.root, "no trained model registered in models.json: run the training stages first")
+    i = p.inference
+    showcase = next((f"student_{v}" for v in p.student.variants if f"student_{v}" in models), "")
+    return {"run_dir": str(run.root), "device": p.device, "showcase": showcase,
+            "models": {n: {"path": m["path"], "folds": m["folds"]} for n, m in models.items()},
+            "input_dir": i.input_dir or str(_raw_dataset(p, run) / "imagesTs"), "mode": i.mode, "tta": i.tta,
+            "centre_threshold": i.centre_threshold,
+            "ground_truth_dir": str(_raw_dataset(p, run) / "labelsTs")}
 
 
 def _evaluate_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     e = dataclasses.asdict(p.evaluation)
-    return {"run_dir": str(run.root), **e,
-            "ground_truth_dir": e["ground_truth_dir"] or "", "image_dir": e["image_dir"] or ""}
+    sets, timing = {}, {}
+    summary = run.root / "inference" / "summary.json"
+    if summary.is_file():                      # the inference stage's predictions, one set per model
+        for name, m in json.loads(summary.read_text())["models"].items():
+            sets[name] = m["output_dir"]
+            if m.get("run_report"):
+                timing[name] = m["run_report"]
+    sets.update(e["prediction_sets"])
+    timing.update(e["timing_files"])
+    raw = _raw_dataset(p, run)
+    return {"run_dir": str(run.root), **e, "prediction_sets": sets, "timing_files": timing,
+            "ground_truth_dir": e["ground_truth_dir"] or str(raw / "labelsTs"),
+            "image_dir": e["image_dir"] or str(raw / "imagesTs")}
+
+
+def _single(parameters: Callable[[StudyParams, RunLayout], dict[str, Any]]):
+    def units(stage: Stage, p: StudyParams, run: RunLayout) -> list[Unit]:
+        return [Unit(stage.name, stage.name, stage.notebook, stage.notebook, lambda: parameters(p, run))]
+    return units
+
+
+def _student_units(stage: Stage, p: StudyParams, run: RunLayout) -> list[Unit]:
+    stem = Path(stage.notebook).stem
+    return [Unit(stage.name, f"{stage.name}:{v}", stage.notebook, f"{stem}_{v}.ipynb",
+                 (lambda v=v: _student_parameters(p, run, v))) for v in p.student.variants]
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("convert", "01_data_conversion.ipynb", _convert_parameters),
-    Stage("teacher", "02_teacher_training.ipynb", _teacher_parameters),
-    Stage("student", "05_student_training.ipynb", _student_parameters),
-    Stage("evaluate", "07_evaluation.ipynb", _evaluate_parameters),
+    Stage("convert", "01_data_conversion.ipynb", _single(_convert_parameters)),
+    Stage("teacher", "02_teacher_training.ipynb", _single(_teacher_parameters)),
+    Stage("pseudo", "03_pseudo_labels.ipynb", _single(_pseudo_parameters)),
+    Stage("select", "04_selection.ipynb", _single(_select_parameters)),
+    Stage("student", "05_student_training.ipynb", _student_units),
+    Stage("infer", "06_efficient_inference.ipynb", _single(_infer_parameters)),
+    Stage("evaluate", "07_evaluation.ipynb", _single(_evaluate_parameters)),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
+STAGE_NAMES = tuple(s.name for s in STAGES)
 
+
+def validate_stages(params: StudyParams) -> list[Stage]:
+    """The params' stages in pipeline order (unknown names and inconsistent variants are errors)."""
+    unknown = [s for s in params.stages if s not in STAGE_BY_NAME]
+    if unknown:
+        raise FlareInputError(None, f"params.stages: unknown stage(s) {unknown}; known: {list(STAGE_NAMES)}")
+    v = params.student.variants
+    if "student" in params.stages:
+        if not v or len(set(v)) != len(v):
+            raise FlareInputError(None, f"params.student.variants: give distinct variants of {list(STUDENT_VARIANTS)}")
+        if params.student.recipe != "plain" and "labelled_only" in v[:1]:
+            raise FlareInputError(None, "params.student.variants: the study's student (the first variant) of recipe "
+                                        f"'{params.student.recipe}' needs pseudo labels")
+    return sorted((STAGE_BY_NAME[s] for s in dict.fromkeys(params.stages)), key=lambda s: STAGE_NAMES.index(s.name))
+
+
+def plan_units(params: StudyParams, run: RunLayout) -> list[Unit]:
+    return [u for stage in validate_stages(params) for u in stage.units(stage, params, run)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Completion markers
+
+def _marker_path(run: RunLayout, unit: Unit) -> Path:
+    return run.root / MARKER_DIR / f"{unit.name.replace(':', '__')}.json"
+
+
+def _hash(parameters: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parameters, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_marker(run: RunLayout, unit: Unit) -> dict[str, Any] | None:
+    f = _marker_path(run, unit)
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def completion(run: RunLayout, unit: Unit, parameters: dict[str, Any], not_before: float) -> tuple[bool, str]:
+    """(complete?, why not) for a unit given its parameters and the finish time of the units before it."""
+    m = _read_marker(run, unit)
+    if m is None:
+        return False, "not run yet"
+    if m.get("parameters_hash") != _hash(parameters):
+        return False, "parameters changed"
+    if not (run.notebooks / unit.output).is_file():
+        return False, "executed notebook missing"
+    if float(m.get("finished", 0)) < not_before:
+        return False, "an earlier stage ran again"
+    return True, ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
 
 class StageFailed(RuntimeError):
     """A stage notebook raised; the message names the notebook, the cell and the partial HTML."""
@@ -81,20 +234,13 @@ class StageFailed(RuntimeError):
 
 @dataclass
 class StageResult:
-    name: str
-    status: str          # "done" | "failed"
-    seconds: float
+    name: str                   # unit name
+    status: str                 # "done" | "skipped" | "failed" | "pending" | "running"
+    seconds: float | None
     notebook: Path
     html: Path | None
-
-
-def validate_stages(params: StudyParams) -> list[Stage]:
-    unknown = [s for s in params.stages if s not in STAGE_BY_NAME]
-    if unknown:
-        raise FlareInputError(None, f"params.stages: unknown stage(s) {unknown}; "
-                                    f"known: {[s.name for s in STAGES]}")
-    order = [s.name for s in STAGES]
-    return sorted((STAGE_BY_NAME[s] for s in params.stages), key=lambda s: order.index(s.name))
+    message: str | None = None
+    stage: str = ""
 
 
 def render_html(notebook: Path) -> Path:
@@ -107,28 +253,66 @@ def render_html(notebook: Path) -> Path:
     return atomic_write_text(notebook.with_suffix(".html"), body)
 
 
-def run_stage(stage: Stage, params: StudyParams, run: RunLayout, *, kernel_name: str = "python3",
-              log: Callable[[str], None] = print) -> StageResult:
+class RunLog:
+    """Runner messages to the console and `<run>/logs/run.log`; notebook output to the log only."""
+
+    def __init__(self, run: RunLayout, console: Callable[[str], None] | None):
+        self.path = run.root / LOG_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.console = console
+        self._file = open(self.path, "a", buffering=1)
+        self._handler = logging.StreamHandler(self._file)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s   | %(message)s", "%H:%M:%S"))
+
+    def __call__(self, message: str) -> None:
+        self.file_only(message)
+        if self.console is not None:
+            self.console(message)
+
+    def file_only(self, message: str) -> None:
+        self._file.write(f"{_dt.datetime.now():%Y-%m-%d %H:%M:%S} {message}\n")
+
+    def capture_papermill(self):
+        """Route papermill's logger (with the notebook's cell output) into the log file."""
+        logger = logging.getLogger("papermill")
+        logger.addHandler(self._handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        return self._handler
+
+    def close(self) -> None:
+        logging.getLogger("papermill").removeHandler(self._handler)
+        self._file.close()
+
+
+def run_unit(unit: Unit, parameters: dict[str, Any], run: RunLayout, *, kernel_name: str = "python3",
+             log: Callable[[str], None] = print, progress_stream: TextIO | None = None) -> StageResult:
+    """Execute one unit's notebook into `<run>/notebooks/` and render it; write its marker."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
     run.notebooks.mkdir(parents=True, exist_ok=True)
-    source = NOTEBOOK_DIR / stage.notebook
-    out = run.notebooks / stage.notebook
+    source = NOTEBOOK_DIR / unit.notebook
+    out = run.notebooks / unit.output
     partial = out.with_name(out.stem + ".partial.ipynb")
-    parameters = stage.parameters(params, run)
+    marker = _marker_path(run, unit)
+    marker.unlink(missing_ok=True)           # from here on the unit is not complete
+    progress_file = run.root / PROGRESS_FILE
+    progress_file.parent.mkdir(parents=True, exist_ok=True)
     env_before = dict(os.environ)
     os.environ.update(nnunet_env(run.root))     # the kernel inherits nnU-Net's folders
+    os.environ[PROGRESS_ENV] = str(progress_file)
     t0 = time.perf_counter()
-    log(f"[{stage.name}] running {stage.notebook}")
+    log(f"[{unit.name}] running {unit.notebook}" + (f" -> {unit.output}" if unit.output != unit.notebook else ""))
     try:
-        pm.execute_notebook(str(source), str(partial), parameters=parameters, kernel_name=kernel_name,
-                            cwd=str(run.root), progress_bar=False, log_output=False)
+        with ProgressWatcher(progress_file, stream=progress_stream,
+                             log=getattr(log, "file_only", None)):
+            pm.execute_notebook(str(source), str(partial), parameters=parameters, kernel_name=kernel_name,
+                                cwd=str(run.root), progress_bar=False, log_output=True)
     except PapermillExecutionError as e:
         html = render_html(partial) if partial.exists() else None
-        detail = (f"cell {e.cell_index} (execution count {e.exec_count}) raised "
-                  f"{e.ename}: {e.evalue}")
-        raise StageFailed(stage.name, partial, html, detail) from None
+        detail = f"cell {e.cell_index} (execution count {e.exec_count}) raised {e.ename}: {e.evalue}"
+        raise StageFailed(unit.name, partial, html, detail) from None
     finally:
         os.environ.clear()
         os.environ.update(env_before)
@@ -138,23 +322,139 @@ def run_stage(stage: Stage, params: StudyParams, run: RunLayout, *, kernel_name:
     if stale.exists():
         stale.unlink()
     seconds = time.perf_counter() - t0
-    log(f"[{stage.name}] done in {seconds:.1f} s -> {html}")
-    return StageResult(stage.name, "done", seconds, out, html)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps({"unit": unit.name, "notebook": unit.output, "finished": time.time(),
+                                          "seconds": round(seconds, 2), "parameters_hash": _hash(parameters),
+                                          "parameters": parameters}, indent=1, default=str))
+    log(f"[{unit.name}] done in {seconds:.1f} s -> {html}")
+    return StageResult(unit.name, "done", seconds, out, html, stage=unit.stage)
 
 
-def run_study(params_path: str | Path, *, run_dir: str | Path | None = None,
-              log: Callable[[str], None] = print) -> list[StageResult]:
-    """Execute the params file's stages in pipeline order; stop at the first failing one."""
+def _stage_names(names: Iterable[str] | str | None, params: StudyParams, what: str) -> list[str]:
+    if names is None:
+        return []
+    names = [names] if isinstance(names, str) else list(names)
+    bad = [n for n in names if n not in STAGE_BY_NAME]
+    if bad:
+        raise FlareInputError(None, f"{what}: unknown stage(s) {bad}; known: {list(STAGE_NAMES)}")
+    missing = [n for n in names if n not in params.stages]
+    if missing:
+        raise FlareInputError(None, f"{what}: stage(s) {missing} are not in this study's stages {params.stages}")
+    return names
+
+
+def _write_status(run: RunLayout, results: list[StageResult]) -> None:
+    rel = lambda p: None if p is None else os.path.relpath(p, run.root)   # noqa: E731
+    atomic_write_text(run.root / STAGES_FILE, json.dumps(
+        [{"unit": r.name, "stage": r.stage, "status": r.status,
+          "seconds": None if r.seconds is None else round(r.seconds, 2), "notebook": rel(r.notebook),
+          "html": rel(r.html), "message": r.message} for r in results], indent=2))
+
+
+def study_status(params_path: str | Path, *, run_dir: str | Path | None = None) -> list[tuple[str, bool, str]]:
+    """(unit, complete?, why not) for every unit of the params' plan, without running anything.
+    A unit whose parameters need earlier outputs that are missing reads "waiting for earlier stages"."""
     overrides = {"run_dir": str(run_dir)} if run_dir is not None else None
     params = load_params(params_path, overrides)
-    stages = validate_stages(params)
+    run = RunLayout(Path(params.run_dir).resolve())
+    out, not_before, chain_ok = [], 0.0, True
+    for unit in plan_units(params, run):
+        try:
+            parameters = unit.parameters()
+        except FlareInputError:
+            out.append((unit.name, False, "waiting for earlier stages"))
+            chain_ok = False
+            continue
+        done, why = completion(run, unit, parameters, not_before)
+        if done and not chain_ok:
+            done, why = False, "an earlier stage is not complete"
+        if done:
+            not_before = max(not_before, float(_read_marker(run, unit)["finished"]))
+        else:
+            chain_ok = False
+        out.append((unit.name, done, why))
+    return out
+
+
+def run_study(params_path: str | Path, *, run_dir: str | Path | None = None, start_from: str | None = None,
+              only: Iterable[str] | str | None = None, log: Callable[[str], None] | None = print,
+              progress_stream: TextIO | None = None, command: str | None = None,
+              index: bool = True) -> list[StageResult]:
+    """Execute the params file's stages in pipeline order, skipping complete units (module
+    docstring); stop at the first failing one (StageFailed, after writing stages.json and the
+    index report). Returns one StageResult per unit of the plan."""
+    from . import provenance
+
+    overrides = {"run_dir": str(run_dir)} if run_dir is not None else None
+    params = load_params(params_path, overrides)
+    start = _stage_names(start_from, params, "--from")
+    only_l = _stage_names(only, params, "--only")
+    if start and only_l:
+        raise FlareInputError(None, "give --from or --only, not both")
     run = RunLayout(Path(params.run_dir).resolve())
     run.root.mkdir(parents=True, exist_ok=True)
-    (run.root / "params.yaml").write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
-    results = []
-    for stage in stages:
-        results.append(run_stage(stage, params, run, log=log))
-    summary = [{"stage": r.name, "status": r.status, "seconds": round(r.seconds, 2),
-                "notebook": str(r.notebook), "html": str(r.html)} for r in results]
-    (run.root / "stages.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(run.root / "params.yaml", yaml.safe_dump(params.to_dict(), sort_keys=False))
+    provenance.write(run.root, params, command)
+    units = plan_units(params, run)
+    rlog = RunLog(run, log)
+    stages_of_units = [u.stage for u in units]
+    start_index = stages_of_units.index(start[0]) if start else len(units)
+    forced = ({u.name for u in units if u.stage in only_l} if only_l else
+              {u.name for u in units[start_index:]} if start else set())
+    results = [StageResult(u.name, "pending", None, run.notebooks / u.output, None, stage=u.stage) for u in units]
+    rlog(f"study '{params.name}' in {run.root}: " + ", ".join(u.name for u in units))
+    not_before = 0.0
+    try:
+        for i, unit in enumerate(units):
+            if only_l and unit.name not in forced:
+                rlog(f"[{unit.name}] not selected (--only)")
+                m = _read_marker(run, unit)
+                results[i].status = "skipped" if m else "pending"
+                results[i].message = "not selected by --only"
+                results[i].html = (run.notebooks / unit.output).with_suffix(".html") if m else None
+                not_before = max(not_before, float(m["finished"])) if m else not_before
+                continue
+            parameters = unit.parameters()
+            if unit.name not in forced:
+                done, why = completion(run, unit, parameters, not_before)
+                if done:
+                    m = _read_marker(run, unit)
+                    not_before = max(not_before, float(m["finished"]))
+                    results[i] = StageResult(unit.name, "skipped", m.get("seconds"), run.notebooks / unit.output,
+                                             (run.notebooks / unit.output).with_suffix(".html"),
+                                             "complete (outputs and parameters unchanged); time of its run",
+                                             stage=unit.stage)
+                    rlog(f"[{unit.name}] complete, skipped")
+                    continue
+                if start and i < start_index:
+                    raise FlareInputError(run.root, f"--from {start[0]}: the earlier stage unit '{unit.name}' is "
+                                                    f"not complete ({why}); run it first")
+                rlog(f"[{unit.name}] {why}")
+            results[i].status, results[i].message = "running", None
+            _write_status(run, results)
+            handler = rlog.capture_papermill()
+            try:
+                results[i] = run_unit(unit, parameters, run, log=rlog, progress_stream=progress_stream)
+            except StageFailed as e:
+                results[i] = StageResult(unit.name, "failed", None, e.notebook, e.html, e.detail, stage=unit.stage)
+                rlog(f"[{unit.name}] FAILED: {e}")
+                raise
+            finally:
+                logging.getLogger("papermill").removeHandler(handler)
+            not_before = time.time()
+    finally:
+        _write_status(run, results)
+        if index:
+            try:
+                from .index_report import write_index
+                path = write_index(run.root)
+                rlog(f"index report: {path}")
+            except Exception as e:          # the report must never hide the stage's own error
+                rlog(f"index report not written: {type(e).__name__}: {e}")
+        rlog.close()
     return results
+
+
+def main_progress_stream() -> TextIO | None:
+    """Progress bars on an interactive terminal only (CI logs stay readable)."""
+    return sys.stderr if sys.stderr.isatty() else None

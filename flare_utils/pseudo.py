@@ -48,7 +48,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,9 +56,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .progress import report as report_progress
 from .errors import FlareInputError
-from .io import atomic_directory, atomic_write_text, case_id_from_path, read_label_map
+from .io import atomic_write_text, case_id_from_path, read_label_map
 from .labels import LABELS
+from .run_models import snapshot_model
 
 __all__ = ["PSEUDO_DIR", "PSEUDO_TRAINER", "RoundInfo", "round_dir", "unlabelled_images", "completed_rounds",
            "read_round", "round_request", "predict_round", "retrain_round", "run_rounds", "round_cases",
@@ -78,9 +79,6 @@ MODEL_DIR = "model"
 MODEL_MARKER = "flare_round_model.json"
 MANIFEST_FORMAT = "flare_utils.pseudo_round/1"
 _PSEUDO_TRAINER_MODULE = "flare_utils.training.pseudo"
-_MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
-_FOLD_FILES = ("checkpoint_final.pth", "flare_training_config.json", "flare_pseudo_cases.json", "debug.json",
-               "progress.png")
 MIB = 1024.0 * 1024.0
 
 
@@ -402,6 +400,7 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
             del label
             _append_record(records_path, rec)
             records[case] = rec
+            report_progress(f"pseudo labels round {k}: cases", n, len(todo))
             if n % 50 == 0 or n == len(todo):
                 say(f"round {k}: {n}/{len(todo)} predicted (RSS {rec['rss_mib']:.0f} MiB)")
         del predictor
@@ -519,19 +518,7 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
               "folds": [str(f) for f in folds_l], "selection_file": str(selection), "n_pseudo": len(prev.cases),
               "pseudo_labels_of_round": int(k - 1), "results_folder": str(results), "train_s": round(train_s, 2),
               "config": cfg, "created": _now()}
-    with atomic_directory(model_dir, overwrite=True) as tmp:
-        for name in _MODEL_FILES:
-            if (results / name).is_file():
-                shutil.copy2(results / name, tmp / name)
-        for f in folds_l:
-            src = results / f"fold_{f}"
-            if not (src / "checkpoint_final.pth").is_file():
-                raise FlareInputError(src, "training finished without checkpoint_final.pth")
-            (tmp / f"fold_{f}").mkdir()
-            for p in src.iterdir():
-                if p.is_file() and (p.name in _FOLD_FILES or p.name.startswith("training_log")):
-                    shutil.copy2(p, tmp / f"fold_{f}" / p.name)
-        (tmp / MODEL_MARKER).write_text(json.dumps(record, indent=1, default=_json_default))
+    snapshot_model(results, model_dir, folds_l, marker=(MODEL_MARKER, record))
     return model_dir, record
 
 

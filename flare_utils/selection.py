@@ -39,6 +39,8 @@ folders, selects, and writes atomically
 * `<out_dir>/selection.json` - the selection file the pseudo-label trainers read
   (`flare_utils.training.pseudo.write_selection_file` format: case ids, the unlabelled images
   folder, the chosen round's label folder, meta with the rule and the scores);
+* `<out_dir>/selection_all.json` - the same format with every scored case (the "all pseudo
+  labels" baseline of the paper's Table 5);
 * `<out_dir>/selection_summary.json` - rule, counts, score statistics.
 
 Round-to-round agreement (`compare_labels`) computes, in one pass over a pair of label maps, the
@@ -61,7 +63,7 @@ from .io import Geometry, atomic_write_text, case_id_from_path, read_label_map
 from .labels import LABELS
 from .parallel import map_processes
 
-__all__ = ["DEFAULT_THRESHOLD", "SCORES_CSV", "SELECTION_FILE", "SUMMARY_FILE", "stability_score",
+__all__ = ["DEFAULT_THRESHOLD", "SCORES_CSV", "SELECTION_FILE", "ALL_CASES_FILE", "SUMMARY_FILE", "stability_score",
            "pair_term", "compare_labels", "label_files", "check_rounds", "stability_scores",
            "select_cases", "select_pseudo_labels", "write_trainer_selection", "SelectionResult",
            "selection_quality", "case_overlay"]
@@ -69,6 +71,7 @@ __all__ = ["DEFAULT_THRESHOLD", "SCORES_CSV", "SELECTION_FILE", "SUMMARY_FILE", 
 DEFAULT_THRESHOLD = 0.1          # the paper's
 SCORES_CSV = "stability_scores.csv"
 SELECTION_FILE = "selection.json"
+ALL_CASES_FILE = "selection_all.json"
 SUMMARY_FILE = "selection_summary.json"
 N_LABELS = max(LABELS) + 1       # 0 (background) .. 13
 
@@ -294,6 +297,7 @@ class SelectionResult:
     summary_file: Path
     labels_folder: Path
     round_dirs: list[Path] = field(default_factory=list)
+    all_cases_file: Path | None = None    # every scored case, same format (None: no case at all)
 
     @property
     def n_selected(self) -> int:
@@ -310,6 +314,7 @@ class SelectionResult:
                 "u_max_finite": float(finite.max()) if len(finite) else None,
                 "rounds": [str(d) for d in self.round_dirs], "labels_folder": str(self.labels_folder),
                 "selection_file": None if self.selection_file is None else str(self.selection_file),
+                "all_cases_file": None if self.all_cases_file is None else str(self.all_cases_file),
                 "scores_csv": str(self.scores_csv)}
 
 
@@ -363,8 +368,15 @@ def select_pseudo_labels(round_dirs: Sequence[str | Path], images_folder: str | 
              "rounds": [str(d) for d in dirs], "labels_round": str(labels_folder), **rule,
              "scores": {c: _json_safe(float(sel.at[c, "u"])) for c in selected}, **dict(meta or {})}
         write_trainer_selection(selection_path, selected, labels_folder, images_folder, m)
+    all_path: Path | None = out_dir / ALL_CASES_FILE
+    if len(sel):
+        write_trainer_selection(all_path, [str(c) for c in sel.index], labels_folder, images_folder,
+                                {"source": "flare_utils.selection", "rule": "all", "rounds": [str(d) for d in dirs],
+                                 "labels_round": str(labels_folder), **dict(meta or {})})
+    else:
+        all_path = None
     result = SelectionResult(sel, selected, rejected, rule, scores_csv, selection_path, out_dir / SUMMARY_FILE,
-                             labels_folder, dirs)
+                             labels_folder, dirs, all_path)
     atomic_write_text(result.summary_file, json.dumps({k: _json_safe(v) for k, v in result.summary().items()},
                                                       indent=2, default=str))
     return result

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -59,6 +60,10 @@ def test_failing_stage_names_notebook_cell_and_partial_report(tmp_path):
     assert "stage 'convert' failed" in msg and "01_data_conversion" in msg
     assert "cell" in msg and "no_such_folder" in msg
     assert e.value.html is not None and e.value.html.exists()
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert stages[0]["status"] == "failed" and stages[0]["html"].endswith("01_data_conversion.partial.html")
+    assert "01_data_conversion.partial.html" in (tmp_path / "run" / "index.html").read_text()
+    assert not (tmp_path / "run" / ".flare_stages" / "convert.json").exists()
     # nothing half-written: no dataset folder, no completed notebook
     assert not (tmp_path / "run" / "nnUNet_raw" / "Dataset990_FLARE22Smoke").exists()
     assert not (tmp_path / "run" / "notebooks" / "01_data_conversion.ipynb").exists()
@@ -72,16 +77,128 @@ def test_cli_run_reports_bad_params_clearly(tmp_path):
     assert "sorce" in r.stderr and str(f) in r.stderr
 
 
-@pytest.mark.slow
-def test_smoke_study_trains_teacher_and_labelled_only_student(tmp_path):
-    run_dir = tmp_path / "run"
+# ------------------------------------------------------------------------- the whole smoke study
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke study through the runner: every stage, once (about 2-3 minutes on 2 CPU cores)."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
     results = run_study(PROJECT / "params" / "smoke.yaml", run_dir=run_dir, log=lambda m: None)
-    assert [r.name for r in results] == ["convert", "teacher", "student"]
-    teacher = json.loads((run_dir / "teacher" / "summary.json").read_text())
-    assert teacher["trainer"] == "FlareTeacherTrainer"
-    assert Path(teacher["results_folder"], "fold_0", "checkpoint_final.pth").exists()
-    student = json.loads((run_dir / "student_training" / "summary.json").read_text())
-    assert student["stages"]["student"]["trainer"] == "FlareStudentTrainer" and student["n_selected"] == 0
-    assert Path(student["final_results_folder"], "fold_0", "checkpoint_final.pth").exists()
-    for nb in ("01_data_conversion", "02_teacher_training", "05_student_training"):
-        assert (run_dir / "notebooks" / f"{nb}.html").exists()
+    return run_dir, results
+
+
+MODELS = ["teacher", "teacher_pseudo", "student_labelled_only", "student_selected", "student_all"]
+
+
+@pytest.mark.slow
+def test_smoke_study_runs_every_stage_and_registers_five_models(smoke_run):
+    run_dir, results = smoke_run
+    assert [r.name for r in results] == ["convert", "teacher", "pseudo", "select", "student:selected",
+                                         "student:labelled_only", "student:all", "infer", "evaluate"]
+    assert all(r.status == "done" for r in results)
+    models = json.loads((run_dir / "models.json").read_text())
+    assert sorted(models) == sorted(MODELS)
+    for name, m in models.items():
+        for f in m["folds"]:
+            assert Path(m["path"], f"fold_{f}", "checkpoint_final.pth").is_file(), name
+    # students are separate copies: selected and all share a trainer but not a folder
+    assert models["student_selected"]["path"] != models["student_all"]["path"]
+    sel = json.loads((run_dir / "selection" / "selection.json").read_text())
+    every = json.loads((run_dir / "selection" / "selection_all.json").read_text())
+    assert set(sel["cases"]) <= set(every["cases"]) and len(every["cases"]) == 2
+    # every model predicted the 2 held-out cases; the evaluation scored five sets
+    held_out = sorted(p.name.replace("_0000", "") for p in
+                      (run_dir / "nnUNet_raw" / "Dataset990_FLARE22Smoke" / "imagesTs").glob("*.nii.gz"))
+    for name in MODELS:
+        assert sorted(p.name for p in (run_dir / "inference" / name).glob("*.nii.gz")) == held_out
+    overview = pd.read_csv(run_dir / "evaluation" / "overview.csv")
+    assert sorted(overview["set"]) == sorted(MODELS) and (overview["cases"] == 2).all()
+    assert (run_dir / "evaluation" / "efficiency_table.csv").is_file()
+
+
+@pytest.mark.slow
+def test_index_report_links_stages_and_shows_the_comparison(smoke_run):
+    from flare_utils.index_report import comparison_table
+    run_dir, results = smoke_run
+    html = (run_dir / "index.html").read_text()
+    assert "Do pseudo labels help?" in html
+    for title in ("Teacher, labelled only", "Teacher + pseudo labels", "Student, labelled only",
+                  "Student + selected pseudo labels", "Student + all pseudo labels"):
+        assert title in html
+    for r in results:                  # every executed notebook is linked, relatively, and exists
+        rel = r.html.relative_to(run_dir).as_posix()
+        assert f'href="{rel}"' in html and r.html.is_file()
+    assert html.count("data:image/png;base64,") >= 3          # selection plot, box plot, overlays
+    # the comparison's numbers are the evaluation's: per-case organ means, averaged over cases
+    table = comparison_table(run_dir)
+    for name in MODELS:
+        folder = overview_folder(run_dir, name)
+        per_case = pd.read_csv(folder / "metrics_per_case.csv")
+        dsc = per_case[[c for c in per_case.columns if c.endswith("_DSC")]].mean(axis=1).mean()
+        assert table.loc[name, "cases"] == 2
+        assert table.loc[name, "DSC mean"] == pytest.approx(dsc, abs=1e-9)
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert prov["packages"]["nnunetv2"] and prov["packages"]["torch"] and prov["device"]["resolved"] == "cpu"
+    assert prov["seeds"]["study"] == 0 and prov["params"]["name"] == "smoke" and "commit" in prov["git"]
+    log = (run_dir / "logs" / "run.log").read_text()
+    assert "[evaluate] done" in log and "epochs: 1/1" in log       # runner lines and per-epoch progress
+
+
+def overview_folder(run_dir: Path, name: str) -> Path:
+    overview = pd.read_csv(run_dir / "evaluation" / "overview.csv").set_index("set")
+    return run_dir / "evaluation" / overview.loc[name, "folder"]
+
+
+@pytest.mark.slow
+def test_second_run_skips_every_stage_and_changes_nothing(smoke_run):
+    run_dir, _ = smoke_run
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "notebooks").glob("*.ipynb")}
+    results = run_study(PROJECT / "params" / "smoke.yaml", run_dir=run_dir, log=lambda m: None)
+    assert [r.status for r in results] == ["skipped"] * 9
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "notebooks").glob("*.ipynb")} == stamps
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert [s["status"] for s in stages] == ["skipped"] * 9
+    assert all(s["seconds"] is not None for s in stages)        # the time of the run that made it
+
+
+@pytest.mark.slow
+def test_from_and_only_rerun_parts_and_staleness_propagates(smoke_run, tmp_path):
+    from flare_utils.pipeline import study_status
+    run_dir, _ = smoke_run
+    params = PROJECT / "params" / "smoke.yaml"
+    results = run_study(params, run_dir=run_dir, start_from="evaluate", log=lambda m: None)
+    assert [r.status for r in results] == ["skipped"] * 8 + ["done"]
+    # a changed parameter makes its stage run again, nothing before it
+    p = yaml.safe_load(params.read_text())
+    p["evaluation"]["hd95"] = True
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(p))
+    status = study_status(changed, run_dir=run_dir)
+    assert [u for u, done, _ in status if not done] == ["evaluate"]
+    assert status[-1][2] == "parameters changed"
+    # --only re-runs one stage; everything after it is then stale
+    results = run_study(params, run_dir=run_dir, only=["select"], log=lambda m: None)
+    assert [r.name for r in results if r.status == "done"] == ["select"]
+    status = {u: (done, why) for u, done, why in study_status(params, run_dir=run_dir)}
+    assert status["pseudo"] == (True, "") and status["select"] == (True, "")
+    assert status["student:selected"] == (False, "an earlier stage ran again")
+    assert not status["evaluate"][0]
+
+
+def test_from_and_only_name_real_stages(tmp_path):
+    from flare_utils.errors import FlareInputError
+    with pytest.raises(FlareInputError, match="unknown stage"):
+        run_study(PROJECT / "params" / "smoke.yaml", run_dir=tmp_path / "r", start_from="teach", log=None)
+    p = yaml.safe_load((PROJECT / "params" / "smoke.yaml").read_text())
+    p["stages"] = ["convert"]
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(p))
+    with pytest.raises(FlareInputError, match="not in this study"):
+        run_study(f, run_dir=tmp_path / "r", only=["evaluate"], log=None)
+
+
+def test_from_needs_complete_earlier_stages(tmp_path):
+    from flare_utils.errors import FlareInputError
+    with pytest.raises(FlareInputError, match="not complete"):
+        run_study(PROJECT / "params" / "smoke.yaml", run_dir=tmp_path / "r", start_from="select", log=None,
+                  index=False)

@@ -34,7 +34,8 @@ Extension points for subclasses (pseudo-label, noisy-student, cross-pseudo-super
   extend (call super) to set more.
 * `after_network_built()`: runs inside `initialize()` once the network exists (transfer init,
   freezing); a CPS trainer builds its second network here.
-* `configure_optimizers()`: SGD nesterov 0.99 + poly lr over the trainable parameters only.
+* `configure_optimizers()`: SGD nesterov 0.99 (or AdamW, config `optimizer`) + poly lr over the trainable
+  parameters only.
 * `build_loss_module()`: the per-output loss (before deep-supervision wrapping); `_build_loss`
   wraps it.
 * `get_tr_and_val_datasets()` (nnU-Net's): add pseudo-labelled cases to the training set.
@@ -66,6 +67,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
+from ..progress import report as report_progress
 from ..errors import FlareInputError
 from .config import CONFIG_FILE_NAME, TrainingConfig
 from .transfer import freeze_encoder_stages, load_transfer_weights, unwrap
@@ -174,7 +176,7 @@ class FlareTrainer(nnUNetTrainer):
         self.num_epochs = int(c.num_epochs)
         self.num_iterations_per_epoch = int(c.num_iterations_per_epoch)
         self.num_val_iterations_per_epoch = int(c.num_val_iterations_per_epoch)
-        self.initial_lr = float(c.initial_lr)
+        self.initial_lr = c.learning_rate
         self.weight_decay = float(c.weight_decay)
         self.oversample_foreground_percent = float(c.oversample_foreground_percent)
         self.save_every = int(c.save_every)
@@ -231,8 +233,11 @@ class FlareTrainer(nnUNetTrainer):
 
     def configure_optimizers(self):
         params = [p for p in self.network.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=0.99, nesterov=True)
+        if self.flare_config.optimizer == "adamw":      # as nnU-Net's nnUNetTrainerAdam
+            optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay, amsgrad=True)
+        else:
+            optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
+                                        momentum=0.99, nesterov=True)
         lr_scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
         return optimizer, lr_scheduler
 
@@ -321,6 +326,14 @@ class FlareTrainer(nnUNetTrainer):
     def on_train_start(self):
         super().on_train_start()
         self.flare_config.save(Path(self.output_folder) / CONFIG_FILE_NAME)
+
+    def on_epoch_end(self):
+        super().on_epoch_end()          # nnU-Net increments current_epoch here
+        log = getattr(getattr(self.logger, "local_logger", self.logger), "my_fantastic_logging", {})
+        dice = log["mean_fg_dice"][-1] if log.get("mean_fg_dice") else float("nan")
+        loss = log["train_losses"][-1] if log.get("train_losses") else float("nan")
+        report_progress(f"{type(self).__name__} fold {self.fold}: epochs", self.current_epoch, self.num_epochs,
+                        train_loss=float(loss), pseudo_dice=float(dice))
 
     def on_train_end(self):
         super().on_train_end()

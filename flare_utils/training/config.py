@@ -35,6 +35,7 @@ from ..params import _coerce
 ENV_VAR = "FLARE_TRAINING_CONFIG"
 CONFIG_FILE_NAME = "flare_training_config.json"
 LOSSES = ("dice_ce", "dice", "ce")
+DEFAULT_LR = {"sgd": 1e-2, "adamw": 3e-3}      # nnU-Net's SGD rate; AdamW's that learns the demo fastest
 
 
 @dataclass
@@ -58,8 +59,11 @@ class TrainingConfig:
     num_threads: int | None = None
     n_proc_da: int | None = None
     export_processes: int | None = None
-    # optimisation (nnU-Net defaults: SGD nesterov momentum 0.99, poly lr)
-    initial_lr: float = 1e-2
+    # optimisation (nnU-Net defaults: SGD nesterov momentum 0.99, poly lr). "adamw" is nnU-Net's own
+    # nnUNetTrainerAdam recipe (AdamW, amsgrad, poly lr): it learns in hundreds rather than thousands
+    # of iterations, which the CPU demo needs; give it a smaller initial_lr (e.g. 3e-3).
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    initial_lr: float | None = None        # None: the optimizer's default (DEFAULT_LR)
     weight_decay: float = 3e-5
     oversample_foreground_percent: float = 0.33
     loss: Literal["dice_ce", "dice", "ce"] = "dice_ce"
@@ -76,6 +80,10 @@ class TrainingConfig:
     save_every: int = 50
     final_validation: bool = True          # used by flare_utils.training.train()
     compile: bool | None = None            # torch.compile; None: nnU-Net's rule (env nnUNet_compile, never CPU)
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.optimizer] if self.initial_lr is None else float(self.initial_lr)
 
     def validate(self, where: str | Path | None = None) -> "TrainingConfig":
         def bad(msg):
@@ -94,7 +102,7 @@ class TrainingConfig:
             bad("freeze_encoder_stages must be >= 0")
         if not 0.0 <= self.oversample_foreground_percent <= 1.0:
             bad("oversample_foreground_percent must be in [0, 1]")
-        if self.initial_lr <= 0:
+        if self.initial_lr is not None and self.initial_lr <= 0:
             bad("initial_lr must be > 0")
         if self.save_every < 1:
             bad("save_every must be >= 1")

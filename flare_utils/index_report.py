@@ -1,0 +1,594 @@
+"""One self-contained HTML page that summarises a study's run folder (``<run_dir>/index.html``).
+
+Collaborators get a run as an e-mail attachment or a zipped folder, so the page must open on
+its own: pictures are embedded as base64 ``data:`` URIs, the stage notebooks' HTML reports are
+linked with paths relative to the run folder (they keep working wherever the folder is copied),
+the CSS is inline and there is no JavaScript.
+
+Everything here only *reads* what the stages wrote (params.yaml, provenance.json, stages.json,
+models.json, evaluation/, inference/, selection/, pseudo_labels/report/, learning curves); no
+metric is computed except the comparison table's mean ± std over cases, taken from each
+model's per-case CSV. A run may be partial: a section whose inputs are missing says in one line
+why ("not run in this study", "stage failed: see ..."), and a section whose input cannot be read
+says that, so one broken file never costs the whole page.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .io import atomic_write_text
+from .labels import ORGANS
+from .report import PER_CASE_CSV, slug
+
+__all__ = ["CANONICAL_MODELS", "COMPARISON_PAIRS", "INDEX_NAME", "StageUnit", "build_index_html",
+           "comparison_findings", "comparison_table", "read_stages", "write_index"]
+
+INDEX_NAME = "index.html"
+# The Table-5 comparison's rows come in this order; other models follow in file order.
+CANONICAL_MODELS = ("teacher", "teacher_pseudo", "student_labelled_only", "student_selected", "student_all")
+# (model, baseline, sentence start): the comparisons that answer "do pseudo labels help?".
+COMPARISON_PAIRS = (
+    ("student_selected", "student_labelled_only", "Student with selected pseudo labels vs student labelled only"),
+    ("teacher_pseudo", "teacher", "Teacher with pseudo labels vs teacher labelled only"),
+    ("student_selected", "student_all", "Student with selected pseudo labels vs student with all pseudo labels"),
+)
+STUDENT_VARIANTS = ("labelled_only", "selected", "all")
+COMPARISON_COLUMNS = ["title", "training data", "cases", "DSC mean", "DSC std", "NSD mean", "NSD std"]
+MAX_EMBED_BYTES = 4 * 1024 * 1024     # larger pictures are linked, not embedded (the page stays mailable)
+
+# Stage names (stages.json "stage", or the unit before ":") that produce each section's inputs.
+STAGE_ALIASES = {
+    "teacher": ("teacher",),
+    "pseudo": ("pseudo", "pseudo_labels", "pseudo_labelling"),
+    "select": ("select", "selection"),
+    "student": ("student", "student_training"),
+    "inference": ("inference", "infer", "efficient_inference"),
+    "evaluate": ("evaluate", "evaluation"),
+}
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:72em;
+     padding:0 1em;color:#222;line-height:1.4}
+h1{margin-bottom:.1em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+.sub{color:#666;margin-top:0}nav a{margin-right:1em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{padding:.25em .7em;border-bottom:1px solid #e2e2e2;text-align:left;vertical-align:top}
+thead th{background:#f3f3f3}
+.badge{display:inline-block;padding:0 .6em;border-radius:.8em;color:#fff;font-size:.85em}
+.done{background:#2e7d32}.failed{background:#c62828}.skipped{background:#757575}
+.pending{background:#ef8f00}.running{background:#1565c0}.unknown{background:#9e9e9e}
+.missing{color:#777;font-style:italic}.findings li{margin:.2em 0}
+figure{display:inline-block;margin:.4em 1em .8em 0;vertical-align:top}
+figcaption{font-size:.85em;color:#555}img{max-width:100%}img.small{max-width:30em}
+pre{background:#f7f7f7;padding:.7em;overflow-x:auto;font-size:.85em}
+"""
+
+
+def _e(x: Any) -> str:
+    """HTML-escaped text of anything (quotes too: the text may land in an attribute)."""
+    return html.escape("" if x is None else str(x), quote=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading the run folder
+
+def _read_json(path: Path) -> Any:
+    """The parsed JSON file, or None when it does not exist (a corrupt file raises)."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _read_csv(path: Path, **kw) -> pd.DataFrame | None:
+    return pd.read_csv(path, **kw) if path.is_file() else None
+
+
+def _inside(run: Path, p: str | Path | None) -> str | None:
+    """`p` (relative to the run folder, or absolute) as a POSIX path relative to the run folder,
+    or None when it lies outside it (a link out of the folder breaks once the folder is sent)."""
+    if not p:
+        return None
+    path = Path(p)
+    full = path if path.is_absolute() else run / path
+    try:
+        return full.resolve().relative_to(run.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class StageUnit:
+    """One entry of stages.json; `report` is the relative path of its existing HTML, if any."""
+    unit: str
+    stage: str
+    status: str
+    seconds: float | None
+    message: str | None
+    notebook: str | None
+    report: str | None
+
+
+def read_stages(run_dir: str | Path) -> list[StageUnit]:
+    """The units of stages.json (empty when the file is missing), with each unit's report link.
+
+    The link is the "html" entry when that file exists in the run folder; otherwise the rendered
+    notebook beside "notebook" (its .partial.html first for a failed unit). Absolute paths (older
+    runners wrote them) are made relative to the run folder.
+    """
+    run = Path(run_dir)
+    entries = _read_json(run / "stages.json") or []
+    if isinstance(entries, dict):          # {"units": [...]} or {unit: {...}}
+        entries = entries.get("units") or [{"unit": k, **v} for k, v in entries.items() if isinstance(v, dict)]
+    units = []
+    for d in entries:
+        unit = str(d.get("unit") or d.get("stage") or "?")
+        stage = str(d.get("stage") or unit.split(":")[0])
+        status = str(d.get("status") or "unknown").lower()
+        nb = d.get("notebook")
+        candidates = [d.get("html")]
+        if nb:
+            partial = Path(nb).with_name(Path(nb).stem + ".partial.html")
+            full = Path(nb).with_suffix(".html")
+            candidates += [partial, full] if status == "failed" else [full, partial]
+        report = next((rel for rel in (_inside(run, c) for c in candidates) if rel and (run / rel).is_file()), None)
+        seconds = d.get("seconds")
+        units.append(StageUnit(unit, stage, status, float(seconds) if seconds is not None else None,
+                               d.get("message"), _inside(run, nb) or (str(nb) if nb else None), report))
+    return units
+
+
+def _link(rel: str, text: str | None = None) -> str:
+    return f'<a href="{_e(quote(rel))}">{_e(text or rel)}</a>'
+
+
+def _not_available(units: list[StageUnit], stage: str, what: str, file: str, unit: str | None = None) -> str:
+    """The one line a section shows instead of its content: why `what` (read from `file`, relative to
+    the run folder) is not there, judged from the status of the stage (or unit) that writes it."""
+    names = STAGE_ALIASES.get(stage, (stage,))
+    mine = [u for u in units if u.stage in names or u.unit.split(":")[0] in names]
+    if unit is not None:
+        mine = [u for u in mine if u.unit == unit] or [u for u in mine if ":" not in u.unit]
+    failed = [u for u in mine if u.status == "failed"]
+    if failed:
+        u = failed[0]
+        see = _link(u.report) if u.report else _e(u.notebook or f"the {u.unit} stage's notebook")
+        why = f" ({_e(u.message)})" if u.message else ""
+        text = f"{_e(what)}: stage failed: see {see}{why}"
+    elif any(u.status == "done" for u in mine):
+        text = f"{_e(what)}: not produced, although the stage ran ({_e(file)} is missing)"
+    elif any(u.status == "running" for u in mine):
+        text = f"{_e(what)}: the stage is running now"
+    elif any(u.status == "pending" for u in mine):
+        text = f"{_e(what)}: not run yet (stage pending)"
+    elif any(u.status == "skipped" for u in mine):
+        text = f"{_e(what)}: skipped in this study"
+    else:
+        text = f"{_e(what)}: not run in this study"
+    return f'<p class="missing">{text}</p>'
+
+
+# ----------------------------------------------------------------------------------------------
+# the Table-5-like comparison
+
+def _case_scores(per_case: pd.DataFrame, metric: str) -> np.ndarray:
+    """Each case's organ-averaged score (NaN organs skipped; cases without any value dropped)."""
+    cols = [f"{o.flare_key}_{metric}" for o in ORGANS if f"{o.flare_key}_{metric}" in per_case.columns]
+    if not cols:
+        return np.array([])
+    values = per_case[cols].apply(pd.to_numeric, errors="coerce").astype(np.float64)
+    return values.mean(axis=1, skipna=True).dropna().to_numpy()
+
+
+def _mean_std(v: np.ndarray) -> tuple[float, float]:
+    return (float(v.mean()), float(v.std(ddof=0))) if len(v) else (math.nan, math.nan)
+
+
+def _models(run: Path) -> dict[str, dict]:
+    models = _read_json(run / "models.json") or {}
+    return {str(k): (v if isinstance(v, dict) else {}) for k, v in models.items()}
+
+
+def _ordered(names: Iterable[str]) -> list[str]:
+    names = list(dict.fromkeys(names))
+    return [n for n in CANONICAL_MODELS if n in names] + [n for n in names if n not in CANONICAL_MODELS]
+
+
+def _titles(run: Path) -> dict[str, str]:
+    return {name: str(m.get("title") or name) for name, m in _models(run).items()}
+
+
+def comparison_table(run_dir: str | Path) -> pd.DataFrame:
+    """Table 5 of the FLARE22 winner's paper for this run: one row per model (canonical order).
+
+    Index: model name. Columns: title, training data, cases, DSC mean, DSC std, NSD mean, NSD std.
+    Mean and std are over the held-out cases of each case's organ-averaged score (population std,
+    ddof=0, as flare_utils.evaluation), from evaluation/<folder>/metrics_per_case.csv. Without that
+    file the mean comes from overview.csv (or the folder's summary.json) and the std is NaN. A model
+    of models.json that was not evaluated has 0 cases and NaN scores.
+    """
+    run = Path(run_dir)
+    models = _models(run)
+    overview = _read_csv(run / "evaluation" / "overview.csv")
+    if overview is not None and "set" in overview.columns:
+        overview = overview.assign(set=overview["set"].astype(str)).set_index("set")
+    else:
+        overview = None
+    rows = {}
+    for name in _ordered([*models, *(overview.index if overview is not None else [])]):
+        m = models.get(name, {})
+        ov = overview.loc[name] if overview is not None and name in overview.index else None
+        if isinstance(ov, pd.DataFrame):
+            ov = ov.iloc[0]
+        row = {"title": str(m.get("title") or name),
+               "training data": str(m.get("training_data") or m.get("training data") or ""),
+               "cases": 0, "DSC mean": math.nan, "DSC std": math.nan, "NSD mean": math.nan, "NSD std": math.nan}
+        folders = [str(ov["folder"])] if ov is not None and pd.notna(ov.get("folder")) else []
+        folders += [slug(name), name]
+        folder = next((run / "evaluation" / f for f in folders if (run / "evaluation" / f / PER_CASE_CSV).is_file()),
+                      None)
+        if folder is not None:
+            per_case = pd.read_csv(folder / PER_CASE_CSV)
+            row["cases"] = len(per_case)
+            for metric in ("DSC", "NSD"):
+                row[f"{metric} mean"], row[f"{metric} std"] = _mean_std(_case_scores(per_case, metric))
+        elif ov is not None:
+            row["cases"] = int(ov.get("cases", 0) or 0)
+            row["DSC mean"] = float(ov.get("mean DSC", math.nan))
+            row["NSD mean"] = float(ov.get("mean NSD", math.nan))
+        else:
+            summary = next((s for s in (_read_json(run / "evaluation" / f / "summary.json") for f in folders) if s),
+                           None)
+            if summary:
+                row["cases"] = int(summary.get("n_cases") or 0)
+                row["DSC mean"] = float(summary.get("mean_dsc") if summary.get("mean_dsc") is not None else math.nan)
+                row["NSD mean"] = float(summary.get("mean_nsd") if summary.get("mean_nsd") is not None else math.nan)
+        rows[name] = row
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=COMPARISON_COLUMNS)
+    table.index.name = "model"
+    return table.astype({"cases": int, **{c: float for c in COMPARISON_COLUMNS[3:]}})
+
+
+def _diff(metric: str, a: float, b: float) -> str:
+    d = round(a - b, 3)
+    sign = "+" if d > 0 else "-" if d < 0 else "±"
+    return f"{metric} {sign}{abs(d):.3f} ({a:.3f} vs {b:.3f})"
+
+
+def comparison_findings(table: pd.DataFrame) -> list[str]:
+    """One plain sentence per comparison of COMPARISON_PAIRS whose two models both have a DSC.
+
+    States the signed difference and both values (3 decimals), says when the difference is
+    smaller than the spread over cases, and when the two were scored on different case counts.
+    """
+    out = []
+    for a, b, lead in COMPARISON_PAIRS:
+        if a not in table.index or b not in table.index:
+            continue
+        ra, rb = table.loc[a], table.loc[b]
+        if not (np.isfinite(ra["DSC mean"]) and np.isfinite(rb["DSC mean"])):
+            continue
+        parts = [_diff("DSC", ra["DSC mean"], rb["DSC mean"])]
+        if np.isfinite(ra["NSD mean"]) and np.isfinite(rb["NSD mean"]):
+            parts.append(_diff("NSD", ra["NSD mean"], rb["NSD mean"]))
+        text = f"{lead}: {', '.join(parts)}"
+        ca, cb = int(ra["cases"]), int(rb["cases"])
+        text += f"; {ca} held-out cases" if ca == cb else f"; {ca} vs {cb} held-out cases (not the same test set)"
+        stds = [s for s in (ra["DSC std"], rb["DSC std"]) if np.isfinite(s)]
+        if stds and abs(ra["DSC mean"] - rb["DSC mean"]) < max(stds):
+            text += f"; the DSC difference is smaller than the spread over cases (std up to {max(stds):.3f})"
+        out.append(text + ".")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML pieces
+
+def _num(x: float) -> str:
+    """Scores keep 4 decimals, large figures (seconds, MiB) one."""
+    return f"{x:.1f}" if abs(x) >= 100 else f"{x:.4f}"
+
+
+def _table(df: pd.DataFrame, cls: str = "data", index: bool = True) -> str:
+    if index and df.index.name and df.columns.nlevels == 1:
+        df = df.rename_axis(index=None, columns=df.index.name)   # index name in the corner, not a row
+    return df.to_html(classes=cls, border=0, escape=True, index=index, na_rep="n/a", float_format=_num)
+
+
+def _kv_table(items: Iterable[tuple[str, Any]]) -> str:
+    def text(v: Any) -> str:
+        return "none" if v is None else _num(v) if isinstance(v, float) and math.isfinite(v) else str(v)
+    df = pd.DataFrame([(k, text(v)) for k, v in items], columns=["", "value"])
+    return df.to_html(classes="kv", border=0, escape=True, index=False, header=False)
+
+
+def _picture(run: Path, rel: str, caption: str | None = None, small: bool = False) -> str:
+    """A <figure> with the PNG embedded (a relative link instead when it is too large to mail)."""
+    path = run / rel
+    cap = f"<figcaption>{_e(caption or rel)}</figcaption>"
+    if path.stat().st_size > MAX_EMBED_BYTES:
+        return f"<figure>{_link(rel)} (too large to embed){cap}</figure>"
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    cls = ' class="small"' if small else ""
+    return f'<figure><img{cls} src="data:image/png;base64,{data}" alt="{_e(caption or rel)}">{cap}</figure>'
+
+
+def _pictures(run: Path, rels: Iterable[str], small: bool = False) -> str:
+    return "".join(_picture(run, r, small=small) for r in rels if (run / r).is_file())
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "—"
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def _pm(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "not evaluated"
+    return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f} (std n/a)"
+
+
+@dataclass
+class _Run:
+    """What every section needs: the folder, its stage units and the models' titles."""
+    root: Path
+    units: list[StageUnit]
+    titles: dict[str, str]
+    stages_error: str | None = None    # why stages.json could not be read
+
+    def missing(self, stage: str, what: str, file: str, unit: str | None = None) -> str:
+        return _not_available(self.units, stage, what, file, unit)
+
+
+# ----------------------------------------------------------------------------------------------
+# sections: each returns its HTML body; build_index_html adds the heading
+
+def _section_study(r: _Run) -> str:
+    parts = []
+    params_path = r.root / "params.yaml"
+    if params_path.is_file():
+        text = params_path.read_text(encoding="utf-8")
+        try:
+            params = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            params = {}
+            parts.append(f'<p class="missing">params.yaml is not valid YAML: {_e(err)}</p>')
+        if isinstance(params, dict):
+            parts.append(_kv_table([(k, params[k]) for k in ("name", "seed", "device", "stages") if k in params]))
+        parts.append(f"<details><summary>params.yaml</summary><pre>{_e(text)}</pre></details>")
+    else:
+        parts.append('<p class="missing">params.yaml: not written (the runner did not start this study)</p>')
+    prov = _read_json(r.root / "provenance.json")
+    if isinstance(prov, dict):
+        git = prov.get("git") or {}
+        dev = prov.get("device") or {}
+        items = [(k, prov.get(k)) for k in ("started", "command", "python", "platform", "hostname") if k in prov]
+        if git:
+            dirty = {True: " (uncommitted changes)", False: "", None: ""}.get(git.get("dirty"), "")
+            items.append(("git", f"{git.get('commit') or 'not a git checkout'}{dirty}"))
+        if dev:
+            items.append(("device", f"{dev.get('requested', '?')} → {dev.get('resolved', '?')}"))
+            items += [(f"device {k}", dev[k]) for k in ("cpu", "gpu", "torch_threads") if k in dev]
+        if prov.get("seeds"):
+            items.append(("seeds", ", ".join(f"{k}={v}" for k, v in prov["seeds"].items())))
+        for i, (pkg, version) in enumerate((prov.get("packages") or {}).items()):
+            items.append(("packages" if i == 0 else "", f"{pkg} {version}"))     # one line each
+        parts.append("<h3>Provenance</h3>" + _kv_table(items))
+    else:
+        parts.append('<p class="missing">provenance.json: not written</p>')
+    return "".join(parts)
+
+
+def _section_stages(r: _Run) -> str:
+    if r.stages_error:
+        return f'<p class="missing">stages.json could not be read: {_e(r.stages_error)}</p>'
+    if not r.units:
+        return '<p class="missing">stages.json: no stage has been run (or recorded) yet</p>'
+    # Badges and links are markup, so this one table is built by hand; every text is escaped.
+    rows = []
+    for u in r.units:
+        status = u.status if u.status in ("done", "failed", "skipped", "pending", "running") else "unknown"
+        report = _link(u.report) if u.report else '<span class="missing">no report</span>'
+        message = f"<br>{_e(u.message)}" if u.message else ""
+        rows.append(f"<tr><td>{_e(u.unit)}</td><td><span class=\"badge {status}\">{_e(u.status)}</span></td>"
+                    f"<td>{_fmt_seconds(u.seconds)}</td><td>{report}{message}</td></tr>")
+    return ('<table class="stages"><thead><tr><th>unit</th><th>status</th><th>time</th>'
+            f'<th>report</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _section_comparison(r: _Run) -> str:
+    table = comparison_table(r.root)
+    if table.empty or not table["DSC mean"].notna().any():
+        return r.missing("evaluate", "Held-out scores of the models", "evaluation/overview.csv")
+    shown = pd.DataFrame({
+        "model": table["title"],
+        "training data": table["training data"],
+        "mean DSC": [_pm(m, s) for m, s in zip(table["DSC mean"], table["DSC std"])],
+        "mean NSD": [_pm(m, s) for m, s in zip(table["NSD mean"], table["NSD std"])],
+        "held-out cases": table["cases"],
+    })
+    findings = comparison_findings(table)
+    lines = "".join(f"<li>{_e(f)}</li>" for f in findings) or \
+        "<li>No pair of models to compare (the pairs are: " + \
+        _e("; ".join(lead for _, _, lead in COMPARISON_PAIRS)) + ").</li>"
+    return (_table(shown, index=False)
+            + "<p class=\"sub\">Mean ± std over held-out cases of each case's organ-averaged score "
+              "(population std).</p>"
+            + f'<ul class="findings">{lines}</ul>')
+
+
+def _renamed(df: pd.DataFrame, titles: dict[str, str]) -> pd.DataFrame:
+    return df.rename(columns=lambda c: titles.get(str(c), c))
+
+
+def _section_organs(r: _Run) -> str:
+    ev = r.root / "evaluation"
+    parts = []
+    for metric in ("DSC", "NSD"):
+        df = _read_csv(ev / f"organ_table_{metric}.csv", index_col=0)
+        if df is None:
+            parts.append(r.missing("evaluate", f"{metric} per organ", f"evaluation/organ_table_{metric}.csv"))
+        else:
+            parts.append(f"<h3>{metric} per organ (mean ± std over cases)</h3>" + _table(_renamed(df, r.titles)))
+    parts.append(_pictures(r.root, [f"evaluation/box_{m}.png" for m in ("DSC", "NSD")]))
+    return "".join(parts)
+
+
+def _section_efficiency(r: _Run) -> str:
+    parts = []
+    eff = _read_csv(r.root / "evaluation" / "efficiency_table.csv", index_col=0)
+    if eff is None:
+        parts.append(r.missing("evaluate", "Efficiency table (time, RAM, CPU/GPU)",
+                                "evaluation/efficiency_table.csv"))
+    else:
+        eff.index = [r.titles.get(str(i), i) for i in eff.index]
+        parts.append("<h3>Efficiency (mean per case)</h3>" + _table(eff))
+    inf = _read_csv(r.root / "inference" / "summary.csv")
+    if inf is None:
+        parts.append(r.missing("inference", "Inference summary", "inference/summary.csv"))
+    else:
+        if "model" in inf.columns:
+            inf.insert(1, "title", [r.titles.get(str(m), "") for m in inf["model"]])
+        parts.append("<h3>Inference</h3>" + _table(inf, index=False))
+    return "".join(parts)
+
+
+def _rule_text(rule: Any) -> str:
+    if isinstance(rule, dict):
+        kind = rule.get("rule")
+        if kind == "threshold":
+            return f"u < {rule.get('threshold')}"
+        if kind == "fraction":
+            return f"most stable fraction {rule.get('fraction')}"
+        return ", ".join(f"{k}={v}" for k, v in rule.items())
+    return str(rule)
+
+
+def _section_selection(r: _Run) -> str:
+    sel = r.root / "selection"
+    summary = _read_json(sel / "summary.json")
+    if summary is None:
+        summary = _read_json(sel / "selection_summary.json")   # flare_utils.selection's own file name
+    if not isinstance(summary, dict):
+        return r.missing("select", "Pseudo-label selection", "selection/summary.json")  # or selection_summary.json
+    keys = ("n_cases", "n_selected", "n_rejected", "n_infinite", "n_empty_last", "u_min", "u_median", "u_max_finite")
+    parts = [_kv_table([("rule", _rule_text(summary.get("rule")))] + [(k, summary[k]) for k in keys if k in summary])]
+    truth = _read_json(sel / "selection_vs_truth.json")
+    if isinstance(truth, dict):
+        sentence = []
+        qs, qr = truth.get("mean_quality_selected"), truth.get("mean_quality_rejected")
+        if qs is not None and qr is not None:
+            sentence.append(f"Selected pseudo labels have mean DSC {qs:.3f} against the truth, "
+                            f"rejected ones {qr:.3f}.")
+        rho = truth.get("spearman_rho")
+        if rho is not None:
+            sentence.append(f"Spearman rho(u, 1 - DSC) = {rho:.3f} over {truth.get('n_cases')} cases "
+                            "(positive: the unstable cases are the worse ones).")
+        parts.append("<h3>Selection against the truth</h3>"
+                     + (f"<p>{_e(' '.join(sentence))}</p>" if sentence else "")
+                     + _kv_table(truth.items()))
+    else:
+        parts.append('<p class="missing">Selection against the truth: not measured (no ground truth '
+                     "for the unlabelled cases)</p>")
+    parts.append(_pictures(r.root, ["selection/u_histogram.png", "selection/u_vs_dsc.png"]))
+    return "".join(parts)
+
+
+def _section_pseudo(r: _Run) -> str:
+    df = _read_csv(r.root / "pseudo_labels" / "report" / "quality_per_round.csv", index_col=0)
+    if df is None:
+        return r.missing("pseudo", "Pseudo-label DSC against the truth per round",
+                         "pseudo_labels/report/quality_per_round.csv")
+    return "<p>Mean DSC of the pseudo labels against the truth, per round.</p>" + _table(df)
+
+
+def _section_overlays(r: _Run) -> str:
+    ev = r.root / "evaluation"
+    rels = [f"evaluation/{p.name}" for which in ("best", "worst") for p in sorted(ev.glob(f"overlay_{which}_*.png"))]
+    if not rels:
+        return r.missing("evaluate", "Best and worst case pictures", "evaluation/overlay_best_*.png")
+    return _pictures(r.root, rels)
+
+
+def _section_curves(r: _Run) -> str:
+    parts = []
+    teacher = "teacher/learning_curves.png"
+    parts.append(_picture(r.root, teacher, "teacher", small=True) if (r.root / teacher).is_file()
+                 else r.missing("teacher", "Teacher learning curves", teacher))
+    found = {p.name for p in (r.root / "student_training").glob("*") if p.is_dir()}
+    for variant in [*STUDENT_VARIANTS, *sorted(found - set(STUDENT_VARIANTS))]:
+        rel = f"student_training/{variant}/learning_curves.png"
+        parts.append(_picture(r.root, rel, f"student, {variant.replace('_', ' ')}", small=True)
+                     if (r.root / rel).is_file()
+                     else r.missing("student", f"Student ({variant.replace('_', ' ')}) learning curves", rel,
+                                    unit=f"student:{variant}"))
+    return "".join(parts)
+
+
+SECTIONS: tuple[tuple[str, str, Callable[[_Run], str]], ...] = (
+    ("study", "Study", _section_study),
+    ("stages", "Stages", _section_stages),
+    ("comparison", "Do pseudo labels help?", _section_comparison),
+    ("organs", "Per-organ scores", _section_organs),
+    ("efficiency", "Efficiency", _section_efficiency),
+    ("selection", "Pseudo-label selection", _section_selection),
+    ("pseudo", "Pseudo-label quality per round", _section_pseudo),
+    ("overlays", "Best and worst cases", _section_overlays),
+    ("curves", "Learning curves", _section_curves),
+)
+
+
+def build_index_html(run_dir: str | Path) -> str:
+    """The index page of a run folder as one HTML string (see the module docstring)."""
+    root = Path(run_dir)
+    try:
+        units, stages_error = read_stages(root), None
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        units, stages_error = [], f"{type(err).__name__}: {err}"
+    try:
+        titles = _titles(root)
+    except (OSError, ValueError, AttributeError):
+        titles = {}                        # the comparison section reports the broken models.json
+    r = _Run(root, units, titles, stages_error)
+    try:
+        name = (yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        name = None
+    name = str(name or root.resolve().name)
+    body = []
+    for anchor, heading, render in SECTIONS:
+        try:
+            content = render(r)
+        except Exception as err:  # noqa: BLE001 - one unreadable input must not cost the whole page
+            why = f"{type(err).__name__}: {err}"
+            content = f'<p class="missing">{_e(heading)}: could not read its inputs ({_e(why)})</p>'
+        body.append(f'<section id="{anchor}"><h2>{_e(heading)}</h2>{content}</section>')
+    nav = " ".join(f'<a href="#{a}">{_e(h)}</a>' for a, h, _ in SECTIONS)
+    generated = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{_e(name)}: study report</title><style>{CSS}</style></head><body>"
+            f"<h1>{_e(name)}</h1><p class=\"sub\">Run folder {_e(root.resolve().name)}; page generated "
+            f"{_e(generated)}. Notebook reports are linked relative to the run folder.</p>"
+            f"<nav>{nav}</nav>{''.join(body)}</body></html>\n")
+
+
+def write_index(run_dir: str | Path) -> Path:
+    """Write `<run_dir>/index.html` atomically (a reader never sees half a page); returns its path."""
+    root = Path(run_dir)
+    return atomic_write_text(root / INDEX_NAME, build_index_html(root))
