@@ -7,6 +7,7 @@ them once at import: there, call `use_nnunet_folders` before importing nnunetv2.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,3 +54,23 @@ def use_nnunet_folders(run_dir: str | Path) -> RunLayout:
         os.environ[k] = v
         Path(v).mkdir(parents=True, exist_ok=True)
     return RunLayout(Path(run_dir).resolve())
+
+
+@contextlib.contextmanager
+def environment(**values: str | None):
+    """Set (or, for None, unset) environment variables for a block and restore them afterwards:
+    nnU-Net and the FLARE trainers read their folders and configuration from the environment."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

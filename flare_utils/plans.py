@@ -63,6 +63,7 @@ import numpy as np
 
 from .errors import FlareInputError
 from .labels import dataset_json_labels
+from .paths import environment
 
 __all__ = [
     "PlanVariant", "PLAN_VARIANTS", "DEFAULT_PLANS_IDENTIFIER", "CONFIGURATION",
@@ -514,24 +515,6 @@ def _preprocessed_dir(dataset: int | str) -> Path:
 
 
 @contextlib.contextmanager
-def _env(**values: str | None):
-    old = {k: os.environ.get(k) for k in values}
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
 def _quiet(enabled: bool, log_file: Path | None):
     """Send nnU-Net's chatter to a log file (or nowhere) when `enabled`."""
     if not enabled:
@@ -626,7 +609,7 @@ def plan_and_preprocess(dataset_id: int | str, variants: Iterable[str | PlanVari
     import torch
     threads = torch.get_num_threads()
     try:
-        with _env(nnUNet_n_proc_DA=da_env), _quiet(quiet, log):
+        with environment(nnUNet_n_proc_DA=da_env), _quiet(quiet, log):
             clean = overwrite or not _fingerprint_is_current(pre, raw)
             fingerprint = extract_fingerprint_dataset(dataset_num, num_processes=processes,
                                                       check_dataset_integrity=verify, clean=clean,

@@ -610,14 +610,21 @@ def round_volumes(run_dir: str | Path, rounds: Iterable[int] | None = None) -> p
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["round", "case", "organ", "ml"])
 
 
+def _read_label_pair(path, reference, what: str):
+    """Two label maps of the same geometry (else an error naming `path`): (labels, reference labels,
+    reference geometry)."""
+    labels, g = read_label_map(path)
+    ref, g_ref = read_label_map(reference)
+    problem = g_ref.mismatch(g)
+    if problem is not None:
+        raise FlareInputError(path, f"geometry differs from {what}{reference}: {problem}")
+    return labels, ref, g_ref
+
+
 def _agreement_job(job: tuple) -> dict[str, Any]:
     from .selection import compare_labels
     k, case, prev_path, cur_path = job
-    prev, g0 = read_label_map(prev_path)
-    cur, g1 = read_label_map(cur_path)
-    problem = g0.mismatch(g1)
-    if problem is not None:
-        raise FlareInputError(cur_path, f"geometry differs from {prev_path}: {problem}")
+    cur, prev, _ = _read_label_pair(cur_path, prev_path, "")
     c = compare_labels(prev, cur)
     row = {"round": k, "case": case, "changed_voxels": c["changed"], "changed_fraction": c["changed_fraction"],
            "changed_vs_foreground": c["term"], "fg_prev": c["fg_prev"], "fg_cur": c["fg_cur"]}
@@ -644,11 +651,7 @@ def round_agreement(run_dir: str | Path, rounds: Iterable[int] | None = None, pr
 def _quality_job(job: tuple) -> dict[str, Any]:
     from .metrics import evaluate_case
     k, case, pred_path, truth_path = job
-    pred, gp = read_label_map(pred_path)
-    gt, gg = read_label_map(truth_path)
-    problem = gg.mismatch(gp)
-    if problem is not None:
-        raise FlareInputError(pred_path, f"geometry differs from the ground truth {truth_path}: {problem}")
+    pred, gt, gg = _read_label_pair(pred_path, truth_path, "the ground truth ")
     present = sorted((set(np.unique(gt).tolist()) | set(np.unique(pred).tolist())) & set(LABELS))
     row: dict[str, Any] = {"round": k, "case": case}
     scores = evaluate_case(pred, gt, gg.spacing, labels=present) if present else {}

@@ -4,7 +4,6 @@ scale teacher plan plus the student's efficient_demo plan, a custom 2-fold split
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 pm = pytest.importorskip("papermill")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "02_teacher_training.ipynb"
-NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "FLARE_TRAINING_CONFIG")
+from tiny_data import preserved_environ  # noqa: E402
 DATASET = 512
 NAME = "TeacherTiny"
 TINY_PLAN = {"name": "teachertest", "description": "unit-test scale teacher", "base_features": 4, "max_features": 32,
@@ -42,34 +41,24 @@ def build_tiny_raw(base: Path) -> Path:
     return root
 
 
-def _restore(old: dict) -> None:
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    old = {k: os.environ.get(k) for k in NNUNET_VARS}
-    src = build_tiny_raw(tmp_path_factory.getbasetemp())
-    run_dir = tmp_path_factory.mktemp("nb02") / "run"
-    shutil.copytree(src / "nnUNet_raw", run_dir / "nnUNet_raw")
-    cases = sorted(p.name[:-len(".nii.gz")] for p in (run_dir / "nnUNet_raw" / f"Dataset{DATASET}_{NAME}" /
-                                                       "labelsTr").glob("*.nii.gz"))
-    assert len(cases) == 5
-    splits = {"n_folds": 2, "always_train": [cases[0]]}          # a "difficult" case in every training set
-    out_nb = run_dir.parent / "02.out.ipynb"
-    pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
-                        parameters={"run_dir": str(run_dir), "dataset_id": DATASET,
-                                    "plan_variants": [TINY_PLAN, "efficient_demo"], "plans": "teachertest",
-                                    "folds": [0, 1], "epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1,
-                                    "device": "cpu", "seed": 0, "splits": splits, "num_threads": 1, "n_proc_da": 0,
-                                    "verify": False})
-    _restore(old)
+    with preserved_environ():
+        src = build_tiny_raw(tmp_path_factory.getbasetemp())
+        run_dir = tmp_path_factory.mktemp("nb02") / "run"
+        shutil.copytree(src / "nnUNet_raw", run_dir / "nnUNet_raw")
+        cases = sorted(p.name[:-len(".nii.gz")] for p in (run_dir / "nnUNet_raw" / f"Dataset{DATASET}_{NAME}" /
+                                                           "labelsTr").glob("*.nii.gz"))
+        assert len(cases) == 5
+        splits = {"n_folds": 2, "always_train": [cases[0]]}          # a "difficult" case in every training set
+        out_nb = run_dir.parent / "02.out.ipynb"
+        pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
+                            parameters={"run_dir": str(run_dir), "dataset_id": DATASET,
+                                        "plan_variants": [TINY_PLAN, "efficient_demo"], "plans": "teachertest",
+                                        "folds": [0, 1], "epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1,
+                                        "device": "cpu", "seed": 0, "splits": splits, "num_threads": 1,
+                                        "n_proc_da": 0, "verify": False})
     yield run_dir, out_nb, cases
-    _restore(old)
 
 
 def test_notebook_is_stored_clean():
@@ -139,7 +128,6 @@ def test_rerun_with_transfer_batch_size_and_fold_all(executed):
     """Re-run in the same run folder: preprocessed data and split reused; transfer init from fold 0 with a frozen
     stage, Dice loss, no mirroring, batch size 3 (a plans copy), nnU-Net's fold "all", no final validation."""
     run_dir, _, _ = executed
-    old = {k: os.environ.get(k) for k in NNUNET_VARS}
     pre = run_dir / "nnUNet_preprocessed" / f"Dataset{DATASET}_{NAME}"
     data = sorted((pre / "nnUNetPlans_teachertest_3d_fullres").glob("*.pkl"))
     stamps = [p.stat().st_mtime_ns for p in data]
@@ -147,7 +135,7 @@ def test_rerun_with_transfer_batch_size_and_fold_all(executed):
     teacher = Path(json.loads((run_dir / "teacher" / "summary.json").read_text())["results_folder"])
     init = teacher / "fold_0" / "checkpoint_final.pth"
     out_nb = run_dir.parent / "02b.out.ipynb"
-    try:
+    with preserved_environ():
         pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
                             parameters={"run_dir": str(run_dir), "dataset_id": DATASET, "plan_variants": [TINY_PLAN],
                                         "plans": "teachertest", "folds": "all", "epochs": 1, "iterations_per_epoch": 2,
@@ -155,8 +143,6 @@ def test_rerun_with_transfer_batch_size_and_fold_all(executed):
                                         "init_checkpoint": str(init), "freeze_encoder_stages": 1, "batch_size": 3,
                                         "final_validation": False, "num_threads": 1, "n_proc_da": 0,
                                         "verify": False})
-    finally:
-        _restore(old)
     assert [p.stat().st_mtime_ns for p in data] == stamps                 # preprocessing reused
     assert (pre / "splits_final.json").read_text() == split                # existing split kept
     out = run_dir / "teacher"

@@ -3,7 +3,6 @@ recipe (student on labelled + pseudo-labelled data, 1:3 batches, then the labell
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -11,45 +10,36 @@ import nbformat
 import pandas as pd
 import pytest
 import torch
-from tiny_data import DATASET, UNLABELLED, build_tiny  # noqa: E402
+from tiny_data import DATASET, UNLABELLED, build_tiny, preserved_environ  # noqa: E402
 
 pm = pytest.importorskip("papermill")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "05_student_training.ipynb"
-NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "FLARE_TRAINING_CONFIG")
 
 
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    old = {k: os.environ.get(k) for k in NNUNET_VARS}
-    src = build_tiny(tmp_path_factory.getbasetemp())
-    for k, v in old.items():          # building may have pointed nnU-Net elsewhere
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    run_dir = tmp_path_factory.mktemp("nb05") / "run"
-    for d in ("cohort", "nnUNet_raw", "nnUNet_preprocessed"):
-        shutil.copytree(src / d, run_dir / d)
-    from flare_utils.training.pseudo import write_selection_file
-    raw = run_dir / "nnUNet_raw" / f"Dataset{DATASET}_PseudoTiny"
-    sel = write_selection_file(run_dir / "selection" / "selected.json", UNLABELLED,
-                               run_dir / "cohort" / "SyntheticTruth" / "unlabelled_labels", raw / "imagesUnlabelled",
-                               meta={"threshold": 0.1})
-    out_nb = run_dir.parent / "05.out.ipynb"
-    pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
-                        parameters={"run_dir": str(run_dir), "dataset_id": DATASET, "plans": "nnUNetPlans_pseudotest",
-                                    "recipe": "noisy_student", "selection_file": str(sel), "folds": [0],
-                                    "epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1, "device": "cpu",
-                                    "seed": 0, "pseudo_share": None, "finetune_epochs": 1, "batch_size": 4,
-                                    "num_threads": 1, "n_proc_da": 0})
-    yield run_dir, out_nb
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with preserved_environ():
+        with preserved_environ():         # building may point nnU-Net elsewhere
+            src = build_tiny(tmp_path_factory.getbasetemp())
+        run_dir = tmp_path_factory.mktemp("nb05") / "run"
+        for d in ("cohort", "nnUNet_raw", "nnUNet_preprocessed"):
+            shutil.copytree(src / d, run_dir / d)
+        from flare_utils.training.pseudo import write_selection_file
+        raw = run_dir / "nnUNet_raw" / f"Dataset{DATASET}_PseudoTiny"
+        sel = write_selection_file(run_dir / "selection" / "selected.json", UNLABELLED,
+                                   run_dir / "cohort" / "SyntheticTruth" / "unlabelled_labels",
+                                   raw / "imagesUnlabelled", meta={"threshold": 0.1})
+        out_nb = run_dir.parent / "05.out.ipynb"
+        pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
+                            parameters={"run_dir": str(run_dir), "dataset_id": DATASET,
+                                        "plans": "nnUNetPlans_pseudotest", "recipe": "noisy_student",
+                                        "selection_file": str(sel), "folds": [0], "epochs": 1,
+                                        "iterations_per_epoch": 2, "val_iterations": 1, "device": "cpu", "seed": 0,
+                                        "pseudo_share": None, "finetune_epochs": 1, "batch_size": 4,
+                                        "num_threads": 1, "n_proc_da": 0})
+        yield run_dir, out_nb
 
 
 def test_notebook_is_stored_clean():
@@ -66,9 +56,14 @@ def test_notebook_is_stored_clean():
 @pytest.mark.slow
 def test_noisy_student_recipe_outputs(executed):
     run_dir, out_nb = executed
-    out = run_dir / "student_training"
+    out = run_dir / "student_training" / "selected"          # variant from the selection file
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recipe"] == "noisy_student" and summary["final_stage"] == "finetune"
+    # the study keeps the final (fine-tuned) model as its own results folder, registered by name
+    models = json.loads((run_dir / "models.json").read_text())
+    assert list(models) == ["student_selected"] and models["student_selected"]["trainer"] == "FlareFineTuneTrainer"
+    assert Path(models["student_selected"]["path"]) == run_dir / "models" / "student_selected"
+    assert (run_dir / "models" / "student_selected" / "fold_0" / "checkpoint_final.pth").is_file()
     assert summary["n_selected"] == 3 and summary["config"]["pseudo_share"] == 0.75
     student = Path(summary["stages"]["student"]["results_folder"])
     finetune = Path(summary["stages"]["finetune"]["results_folder"])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,8 @@ from flare_utils.errors import FlareInputError
 from flare_utils.labels import dataset_json_labels
 from flare_utils.plans import (PLAN_VARIANTS, PlanVariant, count_parameters, describe_plans, make_plan_variant,
                                plan_and_preprocess, plan_topology, skeleton_base_plans)
+
+from tiny_data import preserved_environ  # noqa: E402
 
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
@@ -53,15 +54,10 @@ def write_tiny_dataset(raw_root: Path, dataset_id: int, name: str, n: int = 4, r
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("plans_run")
-    old = {k: os.environ.get(k) for k in NNUNET_VARS}
     from flare_utils.training.api import point_nnunet_at
-    point_nnunet_at(root)
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with preserved_environ(NNUNET_VARS):
+        point_nnunet_at(root)
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from flare_utils.training import (ENV_VAR, SplitSpec, TrainingConfig, make_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_plans import NNUNET_VARS, write_tiny_dataset  # noqa: E402
+from tiny_data import preserved_environ  # noqa: E402
 
 DATASET = 995
 PLANS = "nnUNetPlans_efficient_demo"
@@ -29,17 +30,12 @@ def run_dir(tmp_path_factory):
     from flare_utils.plans import plan_and_preprocess
     from flare_utils.training.api import point_nnunet_at
     root = tmp_path_factory.mktemp("training_run")
-    old = {k: os.environ.get(k) for k in (*NNUNET_VARS, ENV_VAR)}
-    point_nnunet_at(root)
-    os.environ.pop(ENV_VAR, None)
-    write_tiny_dataset(root / "nnUNet_raw", DATASET, "TrainTiny", n=5, seed=1)
-    plan_and_preprocess(DATASET, ("efficient_demo",), processes=1)
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with preserved_environ((*NNUNET_VARS, ENV_VAR)):
+        point_nnunet_at(root)
+        os.environ.pop(ENV_VAR, None)
+        write_tiny_dataset(root / "nnUNet_raw", DATASET, "TrainTiny", n=5, seed=1)
+        plan_and_preprocess(DATASET, ("efficient_demo",), processes=1)
+        yield root
 
 
 def _config_file(tmp_path, **changes) -> Path:
@@ -50,15 +46,9 @@ def _trainer(trainer_name: str, fold, cfg_file: Path):
     from nnunetv2.run.run_training import get_trainer_from_args
     from flare_utils.training import find_trainer
     find_trainer(trainer_name)
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = str(cfg_file)
-    try:
+    with preserved_environ((ENV_VAR,)):
+        os.environ[ENV_VAR] = str(cfg_file)
         return get_trainer_from_args(str(DATASET), "3d_fullres", fold, trainer_name, PLANS, device=torch.device("cpu"))
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
 
 
 # ---------------------------------------------------------------------------------- configuration

@@ -1,11 +1,19 @@
 """The tiny converted-and-planned dataset shared by the pseudo-label, CPS and student-notebook tests."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
+NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "FLARE_TRAINING_CONFIG")
 DATASET = 511
 UNLABELLED = ["Case_00001", "Case_00002", "Case_00003"]
+
+
+def preserved_environ(keys=NNUNET_VARS):
+    """Restore these environment variables afterwards (nnU-Net's folders are process-wide)."""
+    from flare_utils.paths import environment
+    return environment(**{k: os.environ.get(k) for k in keys})
 
 
 def tiny_variant():

@@ -15,7 +15,6 @@ environment, or `run_dir`'s (flare_utils.paths.use_nnunet_folders).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -23,25 +22,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..errors import FlareInputError
+from ..paths import environment
 from .config import CONFIG_FILE_NAME, ENV_VAR, TrainingConfig
 
 CONFIGURATION = "3d_fullres"
-
-
-@contextlib.contextmanager
-def _env_var(name: str, value: str | None):
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 _NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -125,7 +109,7 @@ def train(dataset_id: int | str, plans_identifier: str, fold: int | str = 0,
     cfg_file = cfg.save(folder.parent / ".flare_configs" / f"{folder.name}__fold_{fold}.json")
     device = resolve_device(cfg.device, None)
     fold_arg: int | str = fold if fold == "all" else int(fold)
-    with _env_var(ENV_VAR, str(cfg_file)):
+    with environment(**{ENV_VAR: str(cfg_file)}):
         t = get_trainer_from_args(str(dataset_id), configuration, fold_arg, trainer, plans_identifier,
                                   continue_training, device=device)
         maybe_load_checkpoint(t, continue_training, False, None)
