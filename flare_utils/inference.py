@@ -76,7 +76,7 @@ import torch
 
 from .progress import report as report_progress
 from .errors import FlareInputError
-from .io import case_id_from_path, save_nifti_like
+from .io import case_id_from_path, read_nifti, save_nifti_like
 from .resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape,
                        labels_to_original, resample_to_grid, separate_z_axis)
 from .sliding_window import (DEFAULT_CENTRE_THRESHOLD, MODES, SlidingWindowResult, WindowGrid, make_grid,
@@ -135,11 +135,10 @@ def read_image(path: str | Path) -> _Image:
     if not path.exists():
         raise FlareInputError(path, "image file is missing")
     try:
-        img = nib.load(str(path))
+        img, arr = read_nifti(path, unscaled=True)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise FlareInputError(path, f"not a NIfTI image ({type(img).__name__})")
         dataobj = img.dataobj
-        arr = np.asanyarray(dataobj.get_unscaled()) if hasattr(dataobj, "get_unscaled") else np.asanyarray(dataobj)
         slope = getattr(dataobj, "slope", 1.0)
         inter = getattr(dataobj, "inter", 0.0)
     except FlareInputError:
