@@ -31,33 +31,25 @@ import yaml
 
 from .io import atomic_write_text
 from .labels import ORGANS
+from .params import STUDENT_VARIANTS
+from .selection import SUMMARY_FILE as SELECTION_SUMMARY
 from .report import PER_CASE_CSV, slug
+from .run_models import CANONICAL_ORDER as CANONICAL_MODELS
 
 __all__ = ["CANONICAL_MODELS", "COMPARISON_PAIRS", "INDEX_NAME", "StageUnit", "build_index_html",
            "comparison_findings", "comparison_table", "read_stages", "write_index"]
 
 INDEX_NAME = "index.html"
-# The Table-5 comparison's rows come in this order; other models follow in file order.
-CANONICAL_MODELS = ("teacher", "teacher_pseudo", "student_labelled_only", "student_selected", "student_all")
+# The Table-5 comparison's rows come in CANONICAL_MODELS order; other models follow in file order.
 # (model, baseline, sentence start): the comparisons that answer "do pseudo labels help?".
 COMPARISON_PAIRS = (
     ("student_selected", "student_labelled_only", "Student with selected pseudo labels vs student labelled only"),
     ("teacher_pseudo", "teacher", "Teacher with pseudo labels vs teacher labelled only"),
     ("student_selected", "student_all", "Student with selected pseudo labels vs student with all pseudo labels"),
 )
-STUDENT_VARIANTS = ("labelled_only", "selected", "all")
 COMPARISON_COLUMNS = ["title", "training data", "cases", "DSC mean", "DSC std", "NSD mean", "NSD std"]
 MAX_EMBED_BYTES = 4 * 1024 * 1024     # larger pictures are linked, not embedded (the page stays mailable)
 
-# Stage names (stages.json "stage", or the unit before ":") that produce each section's inputs.
-STAGE_ALIASES = {
-    "teacher": ("teacher",),
-    "pseudo": ("pseudo", "pseudo_labels", "pseudo_labelling"),
-    "select": ("select", "selection"),
-    "student": ("student", "student_training"),
-    "inference": ("inference", "infer", "efficient_inference"),
-    "evaluate": ("evaluate", "evaluation"),
-}
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:72em;
@@ -155,8 +147,7 @@ def _link(rel: str, text: str | None = None) -> str:
 def _not_available(units: list[StageUnit], stage: str, what: str, file: str, unit: str | None = None) -> str:
     """The one line a section shows instead of its content: why `what` (read from `file`, relative to
     the run folder) is not there, judged from the status of the stage (or unit) that writes it."""
-    names = STAGE_ALIASES.get(stage, (stage,))
-    mine = [u for u in units if u.stage in names or u.unit.split(":")[0] in names]
+    mine = [u for u in units if stage in (u.stage, u.unit.split(":")[0])]
     if unit is not None:
         mine = [u for u in mine if u.unit == unit] or [u for u in mine if ":" not in u.unit]
     failed = [u for u in mine if u.status == "failed"]
@@ -460,7 +451,7 @@ def _section_efficiency(r: _Run) -> str:
         parts.append("<h3>Efficiency (mean per case)</h3>" + _table(eff))
     inf = _read_csv(r.root / "inference" / "summary.csv")
     if inf is None:
-        parts.append(r.missing("inference", "Inference summary", "inference/summary.csv"))
+        parts.append(r.missing("infer", "Inference summary", "inference/summary.csv"))
     else:
         if "model" in inf.columns:
             inf.insert(1, "title", [r.titles.get(str(m), "") for m in inf["model"]])
@@ -481,11 +472,9 @@ def _rule_text(rule: Any) -> str:
 
 def _section_selection(r: _Run) -> str:
     sel = r.root / "selection"
-    summary = _read_json(sel / "summary.json")
-    if summary is None:
-        summary = _read_json(sel / "selection_summary.json")   # flare_utils.selection's own file name
+    summary = _read_json(sel / SELECTION_SUMMARY)
     if not isinstance(summary, dict):
-        return r.missing("select", "Pseudo-label selection", "selection/summary.json")  # or selection_summary.json
+        return r.missing("select", "Pseudo-label selection", "selection/selection_summary.json")
     keys = ("n_cases", "n_selected", "n_rejected", "n_infinite", "n_empty_last", "u_min", "u_median", "u_max_finite")
     parts = [_kv_table([("rule", _rule_text(summary.get("rule")))] + [(k, summary[k]) for k in keys if k in summary])]
     truth = _read_json(sel / "selection_vs_truth.json")

@@ -116,7 +116,7 @@ def full_run(root: Path, png: bytes) -> Path:
     write(ev / "efficiency_table.csv", "set,device,cases,time (s),peak RAM (MiB)\nstudent_selected,cpu,4,3.5,900\n")
     write(root / "inference" / "summary.csv",
           "model,cases,windows_evaluated,windows_nnunet_full,total_s,peak_rss_mib\nstudent_selected,4,10,40,8.0,950\n")
-    write(root / "selection" / "summary.json", json.dumps({
+    write(root / "selection" / "selection_summary.json", json.dumps({
         "rule": {"rule": "threshold", "threshold": 0.1, "exclude_empty": False}, "n_cases": 24,
         "n_selected": 12, "n_rejected": 12, "n_infinite": 1, "n_empty_last": 0,
         "u_min": 0.01, "u_median": 0.1, "u_max_finite": 0.5}))
@@ -288,7 +288,7 @@ def test_absolute_paths_of_older_runners_become_relative_links(tmp_path):
 def test_unreadable_input_costs_only_its_section(tmp_path, png):
     run = full_run(tmp_path / "run", png)
     write(run / "provenance.json", "{not json")
-    write(run / "selection" / "summary.json", "[1, 2")
+    write(run / "selection" / "selection_summary.json", "[1, 2")
     page = index_report.build_index_html(run)
     assert "Study: could not read its inputs (JSONDecodeError" in page
     assert "Pseudo-label selection: could not read its inputs" in page
