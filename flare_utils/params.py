@@ -45,7 +45,9 @@ class DataParams:
 @dataclass
 class TeacherParams:
     """Teacher training stage (02): plan variants to build and the big teacher's training."""
-    plan_variants: list[str] = field(default_factory=lambda: ["accurate_demo", "efficient_demo"])
+    # planned + preprocessed: names of flare_utils.plans.PLAN_VARIANTS, or mappings of PlanVariant
+    # fields (a study's own variant: {name, base_features, patch_size_zyx, spacing_zyx, ...})
+    plan_variants: list[str | dict[str, Any]] = field(default_factory=lambda: ["accurate_demo", "efficient_demo"])
     plans: str = "accurate_demo"         # the teacher's plan variant (flare_utils.plans)
     trainer: str = "FlareTeacherTrainer"
     folds: list[int] | Literal["all"] = field(default_factory=lambda: [0, 1, 2, 3, 4])
@@ -62,6 +64,8 @@ class TeacherParams:
     final_validation: bool = True
     optimizer: Literal["sgd", "adamw"] = "sgd"   # adamw: nnU-Net's Adam recipe (learns fast; the CPU demo)
     initial_lr: float | None = None      # None: the optimizer's default (sgd 1e-2, adamw 3e-3)
+    mirroring: bool | None = None        # None: the trainer's default (teacher: on)
+    oversample_foreground: float | None = None   # share of patches forced onto foreground (nnU-Net: 0.33)
 
 
 @dataclass
@@ -77,6 +81,9 @@ class PseudoParams:
     retrain_config: dict[str, Any] = field(default_factory=dict)   # more PseudoLabelConfig options
     num_threads: int | None = None
     max_cases: int | None = None         # only the first N unlabelled cases (None: all)
+    # rounds 2..K start from the teacher's weights (first trained fold) instead of from scratch: a
+    # short budget then refines the teacher rather than relearning it (the CPU demo's shortcut)
+    retrain_from_teacher: bool = False
 
 
 @dataclass
@@ -111,6 +118,7 @@ class StudentParams:
     final_validation: bool = True
     optimizer: Literal["sgd", "adamw"] = "sgd"
     initial_lr: float | None = None
+    oversample_foreground: float | None = None
     # students trained for the comparison: on the labelled cases only, + the selected pseudo-labelled
     # cases, + every pseudo-labelled case (the last two need the selection stage); the first one
     # listed is the study's student (the model the inference stage showcases)

@@ -31,7 +31,7 @@ import yaml
 from .errors import FlareInputError
 from .io import atomic_write_text
 from .params import STUDENT_VARIANTS, StudyParams, load_params
-from .paths import NOTEBOOK_DIR, RunLayout, nnunet_env
+from .paths import NOTEBOOK_DIR, RunLayout, environment, nnunet_env
 from .progress import ENV_VAR as PROGRESS_ENV, ProgressWatcher
 
 MARKER_DIR = ".flare_stages"
@@ -73,6 +73,16 @@ def _raw_dataset(p: StudyParams, run: RunLayout) -> Path:
     return run.dataset_dir(p.data.dataset_id, p.data.dataset_name)
 
 
+def _plans_id(p: StudyParams, name: str) -> str:
+    """Plans identifier of a plan variant name (a built-in one or one of teacher.plan_variants);
+    anything else is taken as an identifier already."""
+    from .plans import PLAN_VARIANTS, PlanVariant
+    own = {v["name"]: v for v in p.teacher.plan_variants if isinstance(v, dict) and "name" in v}
+    if name in own:
+        return PlanVariant(name=name).plans_identifier
+    return PLAN_VARIANTS[name].plans_identifier if name in PLAN_VARIANTS else name
+
+
 def _convert_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     return {**_common(p, run), **dataclasses.asdict(p.data)}
 
@@ -83,11 +93,17 @@ def _teacher_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
 
 
 def _pseudo_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
-    from .plans import PLAN_VARIANTS, plans_identifier
     q, t = p.pseudo, p.teacher
-    plans = plans_identifier(t.plans) if t.plans in PLAN_VARIANTS else t.plans
-    retrain = {"optimizer": t.optimizer, **({"initial_lr": t.initial_lr} if t.initial_lr else {}),
-               **({"num_threads": q.num_threads} if q.num_threads else {}), **q.retrain_config}
+    plans = _plans_id(p, t.plans)
+    retrain = {"optimizer": t.optimizer, "initial_lr": t.initial_lr, "mirroring": t.mirroring,
+               "oversample_foreground_percent": t.oversample_foreground, "num_threads": q.num_threads}
+    if q.retrain_from_teacher:
+        from .training.api import results_folder
+        fold = t.folds if t.folds == "all" else t.folds[0]
+        with environment(**nnunet_env(run.root)):
+            retrain["init_checkpoint"] = str(results_folder(p.data.dataset_id, plans, t.trainer) / f"fold_{fold}"
+                                             / "checkpoint_final.pth")
+    retrain = {**{k: v for k, v in retrain.items() if v is not None}, **q.retrain_config}
     return {**_common(p, run), "dataset_id": p.data.dataset_id, "plans": plans, "teacher_trainer": t.trainer,
             "rounds": q.rounds, "folds": t.folds, "tta": q.tta, "retrain_epochs": q.retrain_epochs,
             "retrain_iterations": q.retrain_iterations, "retrain_folds": q.retrain_folds, "retrain_config": retrain,
@@ -108,6 +124,7 @@ def _student_parameters(p: StudyParams, run: RunLayout, variant: str) -> dict[st
         raise FlareInputError(Path(selection), f"student variant '{variant}' needs this selection file: run the "
                                                "select stage first (or give student.selection_file)")
     s["selection_file"] = selection
+    s["plans"] = _plans_id(p, s["plans"])
     return {**_common(p, run), "dataset_id": p.data.dataset_id, **_none_to_empty(s, "selection_file"),
             "variant": variant}
 
