@@ -130,6 +130,25 @@ def _make_trainer_class(epochs: int, iterations: int, augment: bool, oversample:
     return nnUNetTrainer
 
 
+def _plan_and_preprocess(dataset_id: int, dataset_name: str, variant, preprocessed: Path) -> dict:
+    """nnU-Net's fingerprint + default planner, then `flare_utils.plans.make_plan_variant`, then
+    nnU-Net's preprocessing of that plans identifier (3d_fullres only)."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                       preprocess_dataset)
+    from .plans import CONFIGURATION, get_variant, make_plan_variant
+    fingerprint = extract_fingerprint_dataset(dataset_id, num_processes=1, check_dataset_integrity=False,
+                                              clean=True, verbose=False)
+    base = ExperimentPlanner(dataset_name, plans_name="nnUNetPlans").plan_experiment()
+    base = json.loads((preprocessed / dataset_name / "nnUNetPlans.json").read_text())
+    v = get_variant(variant)
+    plans = make_plan_variant(base, v, fingerprint)
+    (preprocessed / dataset_name / f"{v.plans_identifier}.json").write_text(json.dumps(plans, indent=2))
+    preprocess_dataset(dataset_id, v.plans_identifier, configurations=(CONFIGURATION,), num_processes=[1],
+                       show_progress_bar=False)
+    return plans
+
+
 def _child(run_dir: Path, req: dict) -> None:
     import zlib
 
@@ -145,9 +164,7 @@ def _child(run_dir: Path, req: dict) -> None:
     ds = _write_raw_dataset(layout.nnunet_raw, req)
     variant = _tiny_variant(req["patch_zyx"], req["spacing_zyx"], req.get("n_conv", 1)) \
         if req["variant"] == "tiny" else req["variant"]
-    from .plans import load_plans, plan_and_preprocess
-    ids = plan_and_preprocess(req["dataset_id"], [variant], processes=1, verify=False)
-    plans = load_plans(next(iter(ids.values())), req["dataset_id"])
+    plans = _plan_and_preprocess(req["dataset_id"], ds.name, variant, layout.nnunet_preprocessed)
     pre = layout.nnunet_preprocessed / ds.name
     dataset_json = json.loads((pre / "dataset.json").read_text()) if (pre / "dataset.json").is_file() else \
         json.loads((ds / "dataset.json").read_text())
