@@ -56,21 +56,21 @@ def use_nnunet_folders(run_dir: str | Path) -> RunLayout:
     return RunLayout(Path(run_dir).resolve())
 
 
+def _apply_environment(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def environment(**values: str | None):
     """Set (or, for None, unset) environment variables for a block and restore them afterwards:
     nnU-Net and the FLARE trainers read their folders and configuration from the environment."""
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _apply_environment(values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _apply_environment(old)

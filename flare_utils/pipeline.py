@@ -117,9 +117,10 @@ def _select_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
 def _student_parameters(p: StudyParams, run: RunLayout, variant: str) -> dict[str, Any]:
     s = dataclasses.asdict(p.student)
     del s["variants"]
+    from .selection import ALL_CASES_FILE, SELECTION_FILE
     selection = {"labelled_only": None,
-                 "selected": s["selection_file"] or str(run.root / "selection" / "selection.json"),
-                 "all": str(run.root / "selection" / "selection_all.json")}[variant]
+                 "selected": s["selection_file"] or str(run.root / "selection" / SELECTION_FILE),
+                 "all": str(run.root / "selection" / ALL_CASES_FILE)}[variant]
     if selection is not None and not Path(selection).is_file():
         raise FlareInputError(Path(selection), f"student variant '{variant}' needs this selection file: run the "
                                                "select stage first (or give student.selection_file)")
@@ -146,7 +147,8 @@ def _infer_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
 def _evaluate_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     e = dataclasses.asdict(p.evaluation)
     sets, timing = {}, {}
-    summary = run.root / "inference" / "summary.json"
+    from .inference_runs import SUMMARY_JSON
+    summary = run.root / "inference" / SUMMARY_JSON
     if summary.is_file():                      # the inference stage's predictions, one set per model
         for name, m in json.loads(summary.read_text())["models"].items():
             sets[name] = m["output_dir"]
@@ -316,23 +318,17 @@ def run_unit(unit: Unit, parameters: dict[str, Any], run: RunLayout, *, kernel_n
     marker.unlink(missing_ok=True)           # from here on the unit is not complete
     progress_file = run.root / PROGRESS_FILE
     progress_file.parent.mkdir(parents=True, exist_ok=True)
-    env_before = dict(os.environ)
-    os.environ.update(nnunet_env(run.root))     # the kernel inherits nnU-Net's folders
-    os.environ[PROGRESS_ENV] = str(progress_file)
     t0 = time.perf_counter()
     log(f"[{unit.name}] running {unit.notebook}" + (f" -> {unit.output}" if unit.output != unit.notebook else ""))
-    try:
-        with ProgressWatcher(progress_file, stream=progress_stream,
-                             log=getattr(log, "file_only", None)):
+    try:     # the kernel inherits nnU-Net's folders and the progress file
+        with environment(**nnunet_env(run.root), **{PROGRESS_ENV: str(progress_file)}), \
+                ProgressWatcher(progress_file, stream=progress_stream, log=getattr(log, "file_only", None)):
             pm.execute_notebook(str(source), str(partial), parameters=parameters, kernel_name=kernel_name,
                                 cwd=str(run.root), progress_bar=False, log_output=True)
     except PapermillExecutionError as e:
         html = render_html(partial) if partial.exists() else None
         detail = f"cell {e.cell_index} (execution count {e.exec_count}) raised {e.ename}: {e.evalue}"
         raise StageFailed(unit.name, partial, html, detail) from None
-    finally:
-        os.environ.clear()
-        os.environ.update(env_before)
     os.replace(partial, out)
     html = render_html(out)
     stale = partial.with_suffix(".html")
