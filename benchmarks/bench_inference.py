@@ -10,7 +10,8 @@ What runs, each measurement in its own fresh subprocess (so its peak RSS is its 
 * cases: synthetic CTs from `flare_utils.phantom` at 512 x 512 with 0.8 x 0.8 x 1.25 mm voxels: a
   "whole_body"-FOV scan of 400 slices, an abdomen-only scan, and (for memory) a 1000-slice scan;
 * model: unless --model is given, `flare_utils.demo_model.train_demo_model` trains the project's
-  `efficient_demo` plan (stock nnU-Net v2 trainer, short schedule) on demo-scale phantom cases;
+  `efficient_demo` plan (stock nnU-Net v2 trainer, nnU-Net's Adam recipe, short schedule) on
+  demo-scale phantom cases;
 * methods: ours (mode "efficient", no TTA, centre threshold 1 voxel = the paper's rule), the same
   with a 1000-voxel centre threshold (`_t1000`), the same over a folder of 4 copies of the case
   (`_batch4`: background read/preprocess and write; wall time per case), the same with PyTorch's native convolution dispatch
@@ -96,12 +97,13 @@ def ensure_cases(work: Path, long_slices: int, skip_long: bool) -> dict[str, dic
 # ----------------------------------------------------------------------------------------------
 # model
 
-def ensure_model(work: Path, epochs: int, iterations: int, n_cases: int) -> Path:
+def ensure_model(work: Path, epochs: int, iterations: int, n_cases: int, optimizer: str = "adamw") -> Path:
     from flare_utils.demo_model import train_demo_model
     t0 = time.time()
     m = train_demo_model(work / "model", dataset_id=952, name="BenchInference", n_cases=n_cases, preset="demo",
                          fov=("abdomen", "whole_body", "chest_abdomen_pelvis", "abdomen", "abdomen_pelvis"),
-                         variant="efficient_demo", epochs=epochs, iterations=iterations, seed=1, timeout=4 * 3600)
+                         variant="efficient_demo", epochs=epochs, iterations=iterations, seed=1, timeout=4 * 3600,
+                         optimizer=optimizer, oversample_foreground=1.0 if optimizer == "adamw" else None)
     print(f"model: {m} ({time.time() - t0:.0f} s)", flush=True)
     return m
 
@@ -251,6 +253,8 @@ def main() -> None:
     ap.add_argument("--train-epochs", type=int, default=60)
     ap.add_argument("--train-iterations", type=int, default=50)
     ap.add_argument("--train-cases", type=int, default=10)
+    ap.add_argument("--train-optimizer", choices=("adamw", "sgd"), default="adamw",
+                    help="the model's optimizer (adamw: nnU-Net's Adam recipe, foreground oversampling 1.0)")
     ap.add_argument("--long-slices", type=int, default=1000)
     ap.add_argument("--skip-long", action="store_true")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -258,7 +262,7 @@ def main() -> None:
     a = ap.parse_args()
 
     a.work.mkdir(parents=True, exist_ok=True)
-    model = a.model or ensure_model(a.work, a.train_epochs, a.train_iterations, a.train_cases)
+    model = a.model or ensure_model(a.work, a.train_epochs, a.train_iterations, a.train_cases, a.train_optimizer)
     cases = ensure_cases(a.work, a.long_slices, a.skip_long)
     marker = a.work / "model" / "flare_demo_model.json"
     results: dict = {"model": str(model), "threads": a.threads,

@@ -44,6 +44,7 @@ def train_demo_model(run_dir: str | Path, *, dataset_id: int = 951, name: str = 
                      patch_zyx: Sequence[int] = (16, 32, 32), spacing_zyx: Sequence[float] = (8.0, 6.0, 6.0),
                      epochs: int = 4, iterations: int = 25, extra_folds: Sequence[str | int] = (),
                      augment: bool = False, oversample_foreground: float | None = None, n_conv: int = 1,
+                     optimizer: str = "sgd", initial_lr: float | None = None,
                      seed: int = 0, timeout: float = 1800) -> Path:
     """Train (or reuse) a small model; returns its nnU-Net results folder.
 
@@ -53,6 +54,9 @@ def train_demo_model(run_dir: str | Path, *, dataset_id: int = 951, name: str = 
     "efficient_demo"; `patch_zyx`/`spacing_zyx` are then ignored).
     oversample_foreground: share of training patches forced to contain foreground (nnU-Net: 0.33);
     more helps a very short schedule leave the "all background" phase.
+    optimizer: "sgd" (nnU-Net's) or "adamw" (nnU-Net's Adam recipe: AdamW with amsgrad and poly lr,
+    as in `flare_utils.training`), which learns several organs in a few thousand CPU iterations
+    where SGD learns the liver; initial_lr: None = nnU-Net's 1e-2.
     Training is seeded (python, numpy, torch) and single-threaded, so a request gives the same
     weights on the same machine.
     """
@@ -66,6 +70,12 @@ def train_demo_model(run_dir: str | Path, *, dataset_id: int = 951, name: str = 
         request["oversample_foreground"] = float(oversample_foreground)
     if n_conv != 1:
         request["n_conv"] = int(n_conv)
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    if optimizer != "sgd":
+        request["optimizer"] = optimizer
+    if initial_lr is not None:
+        request["initial_lr"] = float(initial_lr)
     marker = run_dir / REQUEST_FILE
     if marker.is_file():
         done = json.loads(marker.read_text())
@@ -100,7 +110,8 @@ def _write_raw_dataset(raw: Path, req: dict) -> Path:
     return ds
 
 
-def _make_trainer_class(epochs: int, iterations: int, augment: bool, oversample: float | None = None):
+def _make_trainer_class(epochs: int, iterations: int, augment: bool, oversample: float | None = None,
+                        optimizer: str = "sgd", initial_lr: float | None = None):
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as _Stock
 
@@ -114,6 +125,15 @@ def _make_trainer_class(epochs: int, iterations: int, augment: bool, oversample:
             self.save_every = 10 ** 9
             if oversample is not None:
                 self.oversample_foreground_percent = oversample
+            if initial_lr is not None:
+                self.initial_lr = initial_lr
+
+        if optimizer == "adamw":
+            def configure_optimizers(self):
+                from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+                opt = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
+                                        amsgrad=True)
+                return opt, PolyLRScheduler(opt, self.initial_lr, self.num_epochs)
 
         if not augment:
             def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
@@ -174,7 +194,8 @@ def _child(run_dir: Path, req: dict) -> None:
     # shared CPU can slow training down by an order of magnitude
     torch.set_num_threads(int(os.environ.get("FLARE_DEMO_TRAIN_THREADS", "1")))
     trainer_cls = _make_trainer_class(req["epochs"], req["iterations"], req["augment"],
-                                      req.get("oversample_foreground"))
+                                      req.get("oversample_foreground"), req.get("optimizer", "sgd"),
+                                      req.get("initial_lr"))
     trainer = trainer_cls(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
     trainer.run_training()
     results = Path(trainer.output_folder_base)

@@ -631,7 +631,8 @@ def _make_class():
         # -- back to the original grid ---------------------------------------------------------
         def labels_to_original(self, labels: torch.Tensor, pre: PreprocessedCase) -> np.ndarray:
             """Nearest-neighbour resampling of network-grid labels into the uncropped file grid (uint8)."""
-            out = np.zeros(pre.shape, dtype=np.uint8 if self.num_classes <= 255 else np.int16)
+            # Fortran order: NIfTI's voxel order, so the writer streams the array without a transposed copy
+            out = np.zeros(pre.shape, dtype=np.uint8 if self.num_classes <= 255 else np.int16, order="F")
             view = out[pre.crop].transpose(pre.perm)
             labels_to_original(labels, view, slab_axis=pre.long_axis)
             return out

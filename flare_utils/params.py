@@ -25,8 +25,9 @@ class PhantomParams:
     n_unlabelled: int = 16
     n_validation: int = 4
     seed: int = 0
-    # split -> field of view ("abdomen", "whole_body", ...); splits not named use the preset's mix
-    fov_mix: dict[str, str] = field(default_factory=dict)
+    # split -> field of view ("abdomen", "whole_body", ...) or weights of several
+    # ({"abdomen": 0.6, "abdomen_pelvis": 0.4}); splits not named use the preset's mix
+    fov_mix: dict[str, str | dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass

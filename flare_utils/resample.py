@@ -27,7 +27,8 @@ measured in the benchmark (DSC).
 
 Labels back (`labels_to_original`): nearest neighbour with the `nearest-exact` convention
 (source index floor((i + 0.5) * in / out)), which matches the align_corners=False geometry of
-the forward resampling, written slab by slab straight into the original-size uint8 array.
+the forward resampling, written plane by plane straight into the original-size uint8 array
+(which the predictor allocates in NIfTI's Fortran order, so writing the file needs no transposed copy).
 """
 from __future__ import annotations
 
@@ -163,33 +164,27 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(((2 * i + 1) * n_in) // (2 * n_out), n_in - 1)     # exact integer arithmetic
 
 
-def labels_to_original(labels: torch.Tensor | np.ndarray, out: np.ndarray, *, slab_axis: int = 0,
-                       slab: int = 32) -> np.ndarray:
+def labels_to_original(labels: torch.Tensor | np.ndarray, out: np.ndarray, *, slab_axis: int = 0) -> np.ndarray:
     """Nearest-neighbour resample `labels` (network grid) into `out` (any view of the original-size
-    array with the same axis order as `labels`), slab by slab along `slab_axis`. Returns out."""
+    array with the same axis order as `labels`), plane by plane along `slab_axis`. Returns out.
+
+    The small network-grid map is brought to the CPU once; each source plane is enlarged in-plane
+    once (consecutive output planes that share a source plane reuse it) and copied into `out`, so
+    the work is one gather per source plane plus one copy per output plane, and the extra memory is
+    one original-size plane."""
     if labels.ndim != 3 or out.ndim != 3:
         raise ValueError("3D label maps expected")
-    idx = [nearest_indices(int(labels.shape[a]), int(out.shape[a])) for a in range(3)]
-    is_torch = isinstance(labels, torch.Tensor)
-    if is_torch:
-        t_idx = [torch.as_tensor(i, device=labels.device) for i in idx]
-    n = out.shape[slab_axis]
-    for k0 in range(0, n, slab):
-        k1 = min(n, k0 + slab)
-        if is_torch:
-            part = labels
-            for a in range(3):
-                ia = t_idx[a][k0:k1] if a == slab_axis else t_idx[a]
-                part = part.index_select(a, ia)
-            part = part.cpu().numpy()
-        else:
-            part = labels
-            for a in range(3):
-                ia = idx[a][k0:k1] if a == slab_axis else idx[a]
-                part = np.take(part, ia, axis=a)
-        sl = [slice(None)] * 3
-        sl[slab_axis] = slice(k0, k1)
-        out[tuple(sl)] = part
+    src = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    idx = [nearest_indices(int(src.shape[a]), int(out.shape[a])) for a in range(3)]
+    src = np.moveaxis(src, slab_axis, 0)
+    dst = np.moveaxis(out, slab_axis, 0)
+    rows, cols = (idx[a] for a in range(3) if a != slab_axis)
+    plane, last = None, -1
+    for o, k in enumerate(idx[slab_axis]):
+        if k != last:
+            plane = src[k].take(rows, axis=0).take(cols, axis=1)
+            last = k
+        dst[o] = plane
     return out
 
 

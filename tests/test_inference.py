@@ -145,6 +145,7 @@ def test_written_geometry_equals_input_exactly(predictor, tiny_cases, tmp_path, 
     assert b.header.get_xyzt_units() == a.header.get_xyzt_units()
     np.testing.assert_array_equal(np.asarray(b.dataobj), label)
     assert label.max() > 0                                          # the scaled HU were read correctly
+    assert label.flags.f_contiguous     # NIfTI's voxel order: written without a transposed copy
     assert rep.output == str(out) and not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 

@@ -73,3 +73,14 @@ def test_folds_accept_a_list_or_all(tmp_path):
         load_params(_write(tmp_path, "teacher: {folds: some}\n"))
     with pytest.raises(FlareInputError, match="params.student.recipe"):
         load_params(_write(tmp_path, "student: {recipe: mean_teacher}\n"))
+
+
+def test_phantom_fov_mix_per_split_as_name_or_weights(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("data:\n  phantom:\n    fov_mix:\n      labelled: abdomen\n"
+                 "      validation: {abdomen: 0.6, abdomen_pelvis: 0.4}\n")
+    mix = load_params(p).data.phantom.fov_mix
+    assert mix == {"labelled": "abdomen", "validation": {"abdomen": 0.6, "abdomen_pelvis": 0.4}}
+    p.write_text("data:\n  phantom:\n    fov_mix: {labelled: [abdomen]}\n")
+    with pytest.raises(FlareInputError, match="fov_mix.labelled"):
+        load_params(p)
