@@ -130,10 +130,9 @@ def _make_trainer_class(epochs: int, iterations: int, augment: bool, oversample:
 
         if optimizer == "adamw":
             def configure_optimizers(self):
-                from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-                opt = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
-                                        amsgrad=True)
-                return opt, PolyLRScheduler(opt, self.initial_lr, self.num_epochs)
+                from .training.base import make_optimizer
+                return make_optimizer(self.network.parameters(), "adamw", self.initial_lr, self.weight_decay,
+                                      self.num_epochs)
 
         if not augment:
             def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):

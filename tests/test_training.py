@@ -316,3 +316,15 @@ def test_transfer_init_skips_mismatching_heads(teacher, tmp_path):
     assert all(not k.startswith("decoder.stages") for k in rep2.loaded)
     with pytest.raises(FlareInputError, match="not found"):
         load_transfer_weights(net, tmp_path / "missing.pth")
+
+
+def test_make_optimizer_sgd_and_adamw_with_poly_lr():
+    from flare_utils.training.base import make_optimizer
+    w = [torch.nn.Parameter(torch.zeros(3))]
+    sgd, sched = make_optimizer(w, "sgd", 1e-2, 3e-5, 10)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.99 and sgd.defaults["lr"] == 1e-2
+    adam, sched = make_optimizer(w, "adamw", 3e-3, 3e-5, 10)
+    assert isinstance(adam, torch.optim.AdamW) and adam.defaults["amsgrad"] and adam.defaults["lr"] == 3e-3
+    sched.step(5)                                     # nnU-Net's poly schedule: lr * (1 - epoch / epochs) ** 0.9
+    assert abs(adam.param_groups[0]["lr"] - 3e-3 * 0.5 ** 0.9) < 1e-9

@@ -116,6 +116,15 @@ def resolve_device(requested: str, passed: torch.device | str | None = None) -> 
     return torch.device("cpu")
 
 
+def make_optimizer(params, name: str, initial_lr: float, weight_decay: float, num_epochs: int):
+    """(optimizer, poly lr scheduler): nnU-Net's SGD (nesterov, momentum 0.99) or, for "adamw",
+    AdamW with amsgrad as nnU-Net's own nnUNetTrainerAdam."""
+    if name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=initial_lr, weight_decay=weight_decay, amsgrad=True)
+    else:
+        optimizer = torch.optim.SGD(params, initial_lr, weight_decay=weight_decay, momentum=0.99, nesterov=True)
+    return optimizer, PolyLRScheduler(optimizer, initial_lr, num_epochs)
+
 class _WorkerSeeding:
     """Wraps a batchgenerators data loader so that each augmentation worker seeds torch and
     `random` from (base seed, worker id) and uses one torch thread; numpy is seeded by the
@@ -233,13 +242,7 @@ class FlareTrainer(nnUNetTrainer):
 
     def configure_optimizers(self):
         params = [p for p in self.network.parameters() if p.requires_grad]
-        if self.flare_config.optimizer == "adamw":      # as nnU-Net's nnUNetTrainerAdam
-            optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay, amsgrad=True)
-        else:
-            optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
-                                        momentum=0.99, nesterov=True)
-        lr_scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
-        return optimizer, lr_scheduler
+        return make_optimizer(params, self.flare_config.optimizer, self.initial_lr, self.weight_decay, self.num_epochs)
 
     # ------------------------------------------------------------------ loss
     def build_loss_module(self) -> torch.nn.Module:
