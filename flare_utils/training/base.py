@@ -125,6 +125,7 @@ def make_optimizer(params, name: str, initial_lr: float, weight_decay: float, nu
         optimizer = torch.optim.SGD(params, initial_lr, weight_decay=weight_decay, momentum=0.99, nesterov=True)
     return optimizer, PolyLRScheduler(optimizer, initial_lr, num_epochs)
 
+
 class _WorkerSeeding:
     """Wraps a batchgenerators data loader so that each augmentation worker seeds torch and
     `random` from (base seed, worker id) and uses one torch thread; numpy is seeded by the
