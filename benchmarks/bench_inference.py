@@ -14,10 +14,12 @@ What runs, each measurement in its own fresh subprocess (so its peak RSS is its 
   demo-scale phantom cases;
 * methods: ours (mode "efficient", no TTA, centre threshold 1 voxel = the paper's rule), the same
   with a 1000-voxel centre threshold (`_t1000`), the same over a folder of 4 copies of the case
-  (`_batch4`: background read/preprocess and write; wall time per case), the same with PyTorch's native convolution dispatch
-  (`onednn=False`, to separate the oneDNN gain from the algorithmic one), ours (mode "full", no TTA:
-  the DSC reference of the efficient sliding window), nnU-Net v2's `nnUNetPredictor` with its defaults (step 0.5, Gaussian,
-  mirroring over the checkpoint's axes) and with mirroring off. nnU-Net is run single-process
+  (`_batch4`: background read/preprocess and write; wall time per case), the same with PyTorch's
+  native convolution dispatch (`onednn=False`, to separate the oneDNN gain from the algorithmic one),
+  ours (mode "full", no TTA: the DSC reference of the efficient sliding window), nnU-Net v2's
+  `nnUNetPredictor` with its defaults (step 0.5, Gaussian, mirroring over the checkpoint's axes) and
+  with mirroring off; on `--gap-cases` more whole-body cases (other seeds) only ours efficient and
+  full, because one case's efficient-vs-full DSC difference is noisy. nnU-Net is run single-process
   (`predict_from_files_sequential`; its multi-process variant only adds worker processes for
   preprocessing/export, which on 2 cores does not shorten a single case);
 * figures: windows (and network forward passes: windows x 8 with mirroring), wall time of the
@@ -46,7 +48,8 @@ PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 
 METHODS = ("ours_efficient", "ours_efficient_native", "ours_full", "ours_efficient_t1000", "ours_efficient_batch4",
-           "nnunet_default", "nnunet_no_tta")
+           "ours_efficient_ip33", "nnunet_default", "nnunet_no_tta")
+GAP_METHODS = ("ours_efficient", "ours_full", "ours_efficient_ip33")
 # (case, method) pairs of a default run
 RUNS = [("wholebody", m) for m in METHODS] + \
        [("abdomen", m) for m in ("ours_efficient", "ours_full", "nnunet_default", "nnunet_no_tta")] + \
@@ -69,9 +72,16 @@ def make_case(path_img: Path, path_gt: Path, seed: int, fov: str, n_slices: int 
             "present_labels": list(map(int, c.present_labels))}
 
 
-def ensure_cases(work: Path, long_slices: int, skip_long: bool) -> dict[str, dict]:
+def gap_case_names(n: int) -> list[str]:
+    """Names of the extra whole-body cases (efficient vs full DSC only)."""
+    return [f"wholebody{i + 2}" for i in range(n)]
+
+
+def ensure_cases(work: Path, long_slices: int, skip_long: bool, gap_cases: int = 0) -> dict[str, dict]:
     specs = {"wholebody": dict(seed=7001, fov="whole_body", n_slices=400),
              "abdomen": dict(seed=7002, fov="abdomen", n_slices=None)}
+    for i, name in enumerate(gap_case_names(gap_cases)):
+        specs[name] = dict(seed=7011 + i, fov="whole_body", n_slices=400)
     if not skip_long:
         specs["long"] = dict(seed=7003, fov="whole_body", n_slices=long_slices)
     out = {}
@@ -97,13 +107,14 @@ def ensure_cases(work: Path, long_slices: int, skip_long: bool) -> dict[str, dic
 # ----------------------------------------------------------------------------------------------
 # model
 
-def ensure_model(work: Path, epochs: int, iterations: int, n_cases: int, optimizer: str = "adamw") -> Path:
+def ensure_model(work: Path, epochs: int, iterations: int, n_cases: int, optimizer: str = "adamw",
+                 oversample: float | None = None) -> Path:
     from flare_utils.demo_model import train_demo_model
     t0 = time.time()
     m = train_demo_model(work / "model", dataset_id=952, name="BenchInference", n_cases=n_cases, preset="demo",
                          fov=("abdomen", "whole_body", "chest_abdomen_pelvis", "abdomen", "abdomen_pelvis"),
                          variant="efficient_demo", epochs=epochs, iterations=iterations, seed=1, timeout=4 * 3600,
-                         optimizer=optimizer, oversample_foreground=1.0 if optimizer == "adamw" else None)
+                         optimizer=optimizer, oversample_foreground=oversample)
     print(f"model: {m} ({time.time() - t0:.0f} s)", flush=True)
     return m
 
@@ -129,10 +140,12 @@ def worker(method: str, model: str, image: str, out_dir: str, threads: int) -> d
         from flare_utils.inference import EfficientPredictor
         thr = re.search(r"_t(\d+)", method)
         batch = re.search(r"_batch(\d+)", method)
+        inplane = re.search(r"_ip(\d+)", method)
         t0 = time.perf_counter()
         p = EfficientPredictor.from_results_folder(model, folds=(0,), mode="full" if "full" in method else "efficient",
                                                    device="cpu", monitor=False, onednn="native" not in method,
-                                                   centre_threshold=int(thr.group(1)) if thr else 1)
+                                                   centre_threshold=int(thr.group(1)) if thr else 1,
+                                                   inplane_step=int(inplane.group(1)) / 100 if inplane else 0.5)
         res["load_model_s"] = time.perf_counter() - t0
         res["centre_threshold"] = p.centre_threshold
         if batch:
@@ -254,16 +267,22 @@ def main() -> None:
     ap.add_argument("--train-iterations", type=int, default=50)
     ap.add_argument("--train-cases", type=int, default=10)
     ap.add_argument("--train-optimizer", choices=("adamw", "sgd"), default="adamw",
-                    help="the model's optimizer (adamw: nnU-Net's Adam recipe, foreground oversampling 1.0)")
+                    help="the model's optimizer (adamw: nnU-Net's Adam recipe)")
+    ap.add_argument("--train-oversample", type=float, default=None,
+                    help="share of training patches centred on foreground (default: nnU-Net's 0.33)")
     ap.add_argument("--long-slices", type=int, default=1000)
     ap.add_argument("--skip-long", action="store_true")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--cases", nargs="+", default=["wholebody", "abdomen", "long"])
+    ap.add_argument("--gap-cases", type=int, default=4,
+                    help="extra whole-body cases (other seeds) on which only ours efficient and full run: "
+                         "the efficient-vs-full DSC difference over several cases, not one")
     a = ap.parse_args()
 
     a.work.mkdir(parents=True, exist_ok=True)
-    model = a.model or ensure_model(a.work, a.train_epochs, a.train_iterations, a.train_cases, a.train_optimizer)
-    cases = ensure_cases(a.work, a.long_slices, a.skip_long)
+    model = a.model or ensure_model(a.work, a.train_epochs, a.train_iterations, a.train_cases, a.train_optimizer,
+                                     a.train_oversample)
+    cases = ensure_cases(a.work, a.long_slices, a.skip_long, a.gap_cases)
     marker = a.work / "model" / "flare_demo_model.json"
     results: dict = {"model": str(model), "threads": a.threads,
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "machine": {
@@ -271,6 +290,7 @@ def main() -> None:
         "cases": cases, "runs": [],
         "model_request": json.loads(marker.read_text())["request"] if a.model is None and marker.is_file() else None}
     runs = [(c, m) for c, m in RUNS if c in a.cases and m in a.methods and not (c == "long" and a.skip_long)]
+    runs += [(c, m) for c in gap_case_names(a.gap_cases) for m in GAP_METHODS if m in a.methods]
     for case, method in runs:
         info = cases[case]
         t0 = time.time()
@@ -285,7 +305,27 @@ def main() -> None:
               flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(results, indent=1, default=float))
+    results["efficient_vs_full"] = efficient_vs_full(results["runs"])
+    a.out.write_text(json.dumps(results, indent=1, default=float))
     print(markdown(results))
+
+
+def efficient_vs_full(runs: list[dict]) -> dict | None:
+    """Mean DSC of each efficient variant minus ours full, per whole-body case and over them."""
+    import numpy as np
+    dsc = {(r["case"], r["method"]): r["mean_dsc_present"] for r in runs}
+    out = {}
+    for method in GAP_METHODS:
+        cases = [c for c, m in dsc if m == method != "ours_full" and c.startswith("wholebody")
+                 and (c, "ours_full") in dsc]
+        if not cases:
+            continue
+        diff = {c: dsc[(c, method)] - dsc[(c, "ours_full")] for c in cases}
+        d = np.array(list(diff.values()))
+        out[method] = {"per_case": diff, "mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                       "n": len(d), "method_mean": float(np.mean([dsc[(c, method)] for c in cases])),
+                       "full_mean": float(np.mean([dsc[(c, "ours_full")] for c in cases]))}
+    return out or None
 
 
 def markdown(results: dict) -> str:
@@ -297,6 +337,10 @@ def markdown(results: dict) -> str:
         rows.append(f"| {r['case']} | {r['method']} | {r['windows_evaluated']} ({r['forward_passes']}) | "
                     f"{wall} | {fwd} | {r['maxrss_mib']:.0f} | {r['mean_dsc_present']:.4f} | "
                     f"{r['liver_dsc']:.4f} |")
+    for method, g in (results.get("efficient_vs_full") or {}).items():
+        rows.append(f"\n{method} - ours_full, mean DSC over {g['n']} whole-body cases: {g['mean']:+.4f} "
+                    f"(sd {g['sd']:.4f}; {g['method_mean']:.4f} vs {g['full_mean']:.4f}); per case "
+                    + ", ".join(f"{c} {v:+.4f}" for c, v in g["per_case"].items()))
     return "\n".join(rows)
 
 

@@ -193,6 +193,7 @@ class CaseReport:
     tta: bool = False
     device: str = "cpu"
     centre_threshold: int = DEFAULT_CENTRE_THRESHOLD
+    inplane_step: float = 0.5
     crop: str = "body"
     original_shape: list = field(default_factory=list)
     original_spacing: list = field(default_factory=list)
@@ -642,7 +643,8 @@ def _make_class():
             starts = grid.long_starts
             return CaseReport(
                 case_id=pre.case_id, input=pre.source, mode=self.mode, folds=list(self.folds), tta=self.tta,
-                device=str(self.device), centre_threshold=self.centre_threshold, crop=self.crop,
+                device=str(self.device), centre_threshold=self.centre_threshold,
+                inplane_step=self.inplane_step, crop=self.crop,
                 original_shape=list(pre.shape), original_spacing=list(pre.zooms),
                 crop_box=[[s.start, s.stop] for s in pre.crop], network_shape=list(labels_shape),
                 padded_shape=list(grid.shape), network_spacing=list(pre.network_spacing),
@@ -868,8 +870,8 @@ def _make_class():
 def run_predict(model_dir: str | Path, input: str | Path, output: str | Path, *, folds=("0",),
                 mode: str = "efficient", tta: bool = False, device: str = "auto",
                 spacing: Sequence[float] | None = None, centre_threshold: int = DEFAULT_CENTRE_THRESHOLD,
-                overwrite: bool = False, keep_going: bool = False, checkpoint: str = "checkpoint_final.pth",
-                log=print) -> int:
+                inplane_step: float = 0.5, overwrite: bool = False, keep_going: bool = False,
+                checkpoint: str = "checkpoint_final.pth", log=print) -> int:
     """`flare-study predict`: a NIfTI file or a folder in, NIfTI out. Returns the exit status.
 
     A file goes to `output` when that ends in .nii/.nii.gz, else to `output/<case>.nii.gz`; its report
@@ -881,7 +883,8 @@ def run_predict(model_dir: str | Path, input: str | Path, output: str | Path, *,
     folds = list(folds) if not isinstance(folds, str) else [folds]
     folds = "all" if folds == ["all"] else folds
     p = _get_class().from_results_folder(model_dir, folds=folds, checkpoint=checkpoint, mode=mode, tta=tta,
-                                         device=device, spacing=spacing, centre_threshold=centre_threshold)
+                                         device=device, spacing=spacing, centre_threshold=centre_threshold,
+                                         inplane_step=inplane_step)
     if input.is_dir():
         df = p.predict_folder(input, output, overwrite=overwrite, on_error="skip" if keep_going else "raise")
         n_err = int(df["error"].notna().sum()) if "error" in df else 0

@@ -40,7 +40,8 @@ def _timing_file(out_dir: Path, case_ids) -> Path | None:
 
 def predict_models(models: Mapping[str, Mapping[str, Any]], input_dir: str | Path,
                    outputs: Mapping[str, str | Path], *, mode: str = "efficient", device: str = "auto",
-                   tta: bool = False, centre_threshold: int = 1, summary_dir: str | Path | None = None,
+                   tta: bool = False, centre_threshold: int = 1, inplane_step: float = 0.5,
+                   summary_dir: str | Path | None = None,
                    log=print) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Predict `input_dir` with each model ({name: {"path": results folder, "folds": [...]}}) into
     `outputs[name]`. Returns (one overview row per model, {name: per-case table}); with
@@ -56,7 +57,8 @@ def predict_models(models: Mapping[str, Mapping[str, Any]], input_dir: str | Pat
     for name, m in models.items():
         out = Path(outputs[name])
         predictor = EfficientPredictor.from_results_folder(m["path"], folds=m.get("folds", (0,)), mode=mode,
-                                                           device=device, tta=tta, centre_threshold=centre_threshold)
+                                                           device=device, tta=tta, centre_threshold=centre_threshold,
+                                                           inplane_step=inplane_step)
         log(f"{name}: {m['path']} folds {list(predictor.folds)} -> {out}")
         table = predictor.predict_folder(input_dir, out)
         del predictor
@@ -80,5 +82,6 @@ def predict_models(models: Mapping[str, Mapping[str, Any]], input_dir: str | Pat
         atomic_write_text(d / SUMMARY_CSV, overview.to_csv())
         atomic_write_text(d / SUMMARY_JSON, json.dumps(
             {"input_dir": str(input_dir), "mode": mode, "tta": bool(tta), "device": device,
-             "centre_threshold": int(centre_threshold), "models": entries}, indent=1))
+             "centre_threshold": int(centre_threshold), "inplane_step": float(inplane_step),
+             "models": entries}, indent=1))
     return overview, tables

@@ -134,6 +134,9 @@ class InferenceParams:
     mode: Literal["efficient", "full"] = "efficient"
     tta: bool = False
     centre_threshold: int = 1
+    # efficient mode: in-plane spacing of the 3x3 grid in patches (0.5 = the paper's 50% overlap; 0.33
+    # puts every voxel nearer a window centre at the same window count, see docs/benchmarks.md)
+    inplane_step: float = 0.5
 
 
 @dataclass

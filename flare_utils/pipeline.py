@@ -140,7 +140,7 @@ def _infer_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     return {"run_dir": str(run.root), "device": p.device, "showcase": showcase,
             "models": {n: {"path": m["path"], "folds": m["folds"]} for n, m in models.items()},
             "input_dir": i.input_dir or str(_raw_dataset(p, run) / "imagesTs"), "mode": i.mode, "tta": i.tta,
-            "centre_threshold": i.centre_threshold,
+            "centre_threshold": i.centre_threshold, "inplane_step": i.inplane_step,
             "ground_truth_dir": str(_raw_dataset(p, run) / "labelsTs")}
 
 

@@ -308,6 +308,33 @@ def test_cli_predict_file_and_folder(tiny_model, tiny_cases, tmp_path, capsys):
     assert "3 case(s) predicted" in capsys.readouterr().out
 
 
+def test_cli_predict_inplane_step(tiny_model, tiny_cases, tmp_path, capsys):
+    """--inplane-step reaches the grid: the 8 neighbours sit that many patches from the centre window."""
+    from flare_utils.cli import main
+    reps = {}
+    for step in (0.5, 0.25):
+        out = tmp_path / str(step)
+        assert main(["predict", str(tiny_model), str(_img(tiny_cases, 1)), str(out), "--device", "cpu",
+                     "--centre-threshold", "0", "--inplane-step", str(step)]) == 0
+        reps[step] = json.loads((out / "efficiency" / "case1.json").read_text())
+    for step, rep in reps.items():
+        assert rep["inplane_step"] == step
+        plane = [a for a in range(3) if a != rep["long_axis"]]
+        centres = {w["z_index"]: w["start"] for w in rep["windows"] if w["role"] == "centre"}
+        for a in plane:
+            offsets = {abs(w["start"][a] - centres[w["z_index"]][a]) for w in rep["windows"]}
+            h, c = round(rep["patch_size"][a] * step), next(iter(centres.values()))[a]
+            if c - h >= 0 and c + h <= rep["padded_shape"][a] - rep["patch_size"][a]:
+                assert offsets == {0, h}
+            else:                                                   # clamped at the image border
+                assert max(offsets) <= h
+    starts = {step: sorted(tuple(w["start"]) for w in rep["windows"]) for step, rep in reps.items()}
+    assert starts[0.5] != starts[0.25]
+    assert main(["predict", str(tiny_model), str(_img(tiny_cases, 1)), str(tmp_path / "bad"), "--device", "cpu",
+                 "--inplane-step", "0"]) == 2
+    assert "inplane_step" in capsys.readouterr().err
+
+
 def test_bad_inputs(tiny_model, tiny_cases, tmp_path, capsys):
     from flare_utils.cli import main
     with pytest.raises(FlareInputError, match="model folder not found"):

@@ -33,7 +33,8 @@ def executed(tiny_model, tiny_cases, tmp_path_factory):
         str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
         parameters={"run_dir": str(root / "run"), "model_dir": str(tiny_model), "folds": [0],
                     "input_dir": str(root / "images"), "output_dir": str(out), "mode": "efficient",
-                    "device": "cpu", "tta": False, "centre_threshold": 200, "ground_truth_dir": str(root / "gt")})
+                    "device": "cpu", "tta": False, "centre_threshold": 200, "inplane_step": 0.4,
+                    "ground_truth_dir": str(root / "gt")})
     return root, out, out_nb
 
 
@@ -48,8 +49,10 @@ def test_predictions_and_reports_written(executed):
     assert sorted(table["case_id"]) == ["case0", "case1"]
     assert (table["windows_evaluated"] <= table["windows_grid"]).all()
     assert (table["centre_threshold"] == 200).all()
+    assert (table["inplane_step"] == 0.4).all()
     summary = json.loads((out / "efficiency" / "notebook_summary.json").read_text())
     assert summary["cases"] == 2 and summary["mode"] == "efficient" and summary["folds"] == [0]
+    assert summary["inplane_step"] == 0.4
     assert summary["windows_evaluated"] == int(table["windows_evaluated"].sum())
     assert summary["windows_evaluated"] < summary["windows_nnunet_full"]
     assert summary["mean_dsc"] is not None and 0 <= summary["mean_dsc"] <= 1
@@ -74,6 +77,6 @@ def test_stored_notebook_is_clean_and_parameterised():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", [])
     for name in ("run_dir", "model_dir", "folds", "input_dir", "output_dir", "mode", "device", "tta",
-                 "centre_threshold", "ground_truth_dir"):
+                 "centre_threshold", "inplane_step", "ground_truth_dir"):
         assert f"{name} =" in code[0].source
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
