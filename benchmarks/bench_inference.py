@@ -315,9 +315,8 @@ def efficient_vs_full(runs: list[dict]) -> dict | None:
     import numpy as np
     dsc = {(r["case"], r["method"]): r["mean_dsc_present"] for r in runs}
     out = {}
-    for method in GAP_METHODS:
-        cases = [c for c, m in dsc if m == method != "ours_full" and c.startswith("wholebody")
-                 and (c, "ours_full") in dsc]
+    for method in (m for m in GAP_METHODS if m != "ours_full"):
+        cases = [c for c, m in dsc if m == method and c.startswith("wholebody") and (c, "ours_full") in dsc]
         if not cases:
             continue
         diff = {c: dsc[(c, method)] - dsc[(c, "ours_full")] for c in cases}
