@@ -79,8 +79,8 @@ from .errors import FlareInputError
 from .io import case_id_from_path, read_nifti, save_nifti_like
 from .resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape,
                        labels_to_original, resample_to_grid, separate_z_axis)
-from .sliding_window import (DEFAULT_CENTRE_THRESHOLD, MODES, SlidingWindowResult, WindowGrid, make_grid,
-                             nnunet_window_count, paper_eq2_count, run_sliding_window)
+from .sliding_window import (DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP, MODES, SlidingWindowResult, WindowGrid,
+                             make_grid, nnunet_window_count, paper_eq2_count, run_sliding_window)
 
 try:  # the project's resource monitor (FLARE22-style sampling); optional
     from .efficiency import ResourceMonitor
@@ -193,7 +193,7 @@ class CaseReport:
     tta: bool = False
     device: str = "cpu"
     centre_threshold: int = DEFAULT_CENTRE_THRESHOLD
-    inplane_step: float = 0.5
+    inplane_step: float = DEFAULT_INPLANE_STEP
     crop: str = "body"
     original_shape: list = field(default_factory=list)
     original_spacing: list = field(default_factory=list)
@@ -342,7 +342,8 @@ def _make_class():
 
         def __init__(self, mode: str = "efficient", device: str | torch.device = "auto", tta: bool = False,
                      centre_threshold: int = DEFAULT_CENTRE_THRESHOLD, step_size: float = 0.5,
-                     inplane_step: float = 0.5, spacing: Sequence[float] | None = None, crop: str = "body",
+                     inplane_step: float = DEFAULT_INPLANE_STEP, spacing: Sequence[float] | None = None,
+                     crop: str = "body",
                      body_threshold_hu: float = DEFAULT_BODY_HU, batch_size: int | None = None,
                      fp16: bool = True, monitor: bool = True, onednn: bool | None = None,
                      verbose: bool = False):
@@ -870,7 +871,7 @@ def _make_class():
 def run_predict(model_dir: str | Path, input: str | Path, output: str | Path, *, folds=("0",),
                 mode: str = "efficient", tta: bool = False, device: str = "auto",
                 spacing: Sequence[float] | None = None, centre_threshold: int = DEFAULT_CENTRE_THRESHOLD,
-                inplane_step: float = 0.5, overwrite: bool = False, keep_going: bool = False,
+                inplane_step: float = DEFAULT_INPLANE_STEP, overwrite: bool = False, keep_going: bool = False,
                 checkpoint: str = "checkpoint_final.pth", log=print) -> int:
     """`flare-study predict`: a NIfTI file or a folder in, NIfTI out. Returns the exit status.
 

@@ -65,6 +65,7 @@ import torch
 
 MODES = ("efficient", "full")
 DEFAULT_CENTRE_THRESHOLD = 1
+DEFAULT_INPLANE_STEP = 0.5          # the paper's 3x3 grid: neighbours half a patch from the centre
 
 
 def nnunet_steps(size: int, patch: int, step: float = 0.5) -> list[int]:
@@ -137,7 +138,7 @@ class WindowGrid:
 
 
 def make_grid(mode: str, shape: Sequence[int], patch: Sequence[int], long_axis: int = 0, step: float = 0.5,
-              inplane_step: float = 0.5) -> WindowGrid:
+              inplane_step: float = DEFAULT_INPLANE_STEP) -> WindowGrid:
     """The window grid of `mode` ("efficient" or "full") on a padded shape (>= patch per axis)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -121,6 +121,8 @@ def make_optimizer(params, name: str, initial_lr: float, weight_decay: float, nu
     AdamW with amsgrad as nnU-Net's own nnUNetTrainerAdam."""
     if name == "adamw":
         optimizer = torch.optim.AdamW(params, lr=initial_lr, weight_decay=weight_decay, amsgrad=True)
+    elif name != "sgd":
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
     else:
         optimizer = torch.optim.SGD(params, initial_lr, weight_decay=weight_decay, momentum=0.99, nesterov=True)
     return optimizer, PolyLRScheduler(optimizer, initial_lr, num_epochs)
