@@ -22,7 +22,10 @@ the padding and the mirroring axes); what it changes:
 * argmax on the device while the windows stream along z (only one patch of accumulators is kept),
   then nearest-neighbour resampling of the *label map* (not the probabilities) back into the
   uncropped original grid, written as uint8 NIfTI with exactly the input's header and affine
-  (`flare_utils.io.save_nifti_like`: temporary file + rename, so no partial file is ever visible).
+  (temporary file + rename, so no partial file is ever visible). The command line, folder mode and
+  `predict_case(..., return_label=False)` stream it: each plane of the original grid is made from
+  the small network-grid map and compressed straight into the file (`resample.label_planes` ->
+  `io.save_nifti_planes_like`), so no original-size label array is ever allocated.
 
 Axis conventions. Files are read with nibabel, voxel order (i, j, k). nnU-Net's readers for NIfTI
 (SimpleITKIO, NibabelIO) give (k, j, i); the plans' `transpose_forward` then permutes that. The
@@ -76,8 +79,8 @@ import torch
 
 from .progress import report as report_progress
 from .errors import FlareInputError
-from .io import case_id_from_path, read_nifti, save_nifti_like
-from .resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape,
+from .io import case_id_from_path, read_nifti, save_nifti_like, save_nifti_planes_like
+from .resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape, label_planes,
                        labels_to_original, resample_to_grid, separate_z_axis)
 from .sliding_window import (DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP, MODES, SlidingWindowResult, WindowGrid,
                              make_grid, nnunet_window_count, paper_eq2_count, run_sliding_window)
@@ -634,7 +637,7 @@ def _make_class():
         def labels_to_original(self, labels: torch.Tensor, pre: PreprocessedCase) -> np.ndarray:
             """Nearest-neighbour resampling of network-grid labels into the uncropped file grid (uint8)."""
             # Fortran order: NIfTI's voxel order, so the writer streams the array without a transposed copy
-            out = np.zeros(pre.shape, dtype=np.uint8 if self.num_classes <= 255 else np.int16, order="F")
+            out = np.zeros(pre.shape, dtype=self._label_dtype(), order="F")
             view = out[pre.crop].transpose(pre.perm)
             labels_to_original(labels, view, slab_axis=pre.long_axis)
             return out
@@ -672,30 +675,59 @@ def _make_class():
                 from .io import save_nifti
                 save_nifti(label, pre.affine, output)
 
+        def write_labels(self, labels: torch.Tensor, pre: PreprocessedCase, output: Path, rep: CaseReport) -> None:
+            """Network-grid labels -> the original grid -> `output`, plane by plane (no original-size array:
+            `label_planes` feeds `save_nifti_planes_like`); in-memory inputs (no header) go through the
+            whole label map. Sets the report's resample and write times and output."""
+            t_all = time.perf_counter()
+            if pre.header is None:
+                label = self.labels_to_original(labels, pre)
+                rep.time_resample_s = time.perf_counter() - t_all
+                t0 = time.perf_counter()
+                self._write(label, pre, output)
+                rep.time_write_s = time.perf_counter() - t0
+            else:
+                spent = [0.0]
+                planes = _timed(label_planes(labels, pre.shape, pre.crop, pre.perm, self._label_dtype()), spent)
+                save_nifti_planes_like(planes, pre.shape, self._label_dtype(), SimpleNamespace(header=pre.header),
+                                       output)
+                rep.time_resample_s = spent[0]
+                rep.time_write_s = time.perf_counter() - t_all - spent[0]
+            rep.output = str(output)
+
+        def _label_dtype(self):
+            return np.uint8 if self.num_classes <= 255 else np.int16
+
         def predict_case(self, image: str | Path | np.ndarray, output: str | Path | None = None, *,
                          spacing: Sequence[float] | None = None, affine: np.ndarray | None = None,
-                         case_id: str | None = None, report_dir: str | Path | None = None
-                         ) -> tuple[np.ndarray, CaseReport]:
+                         case_id: str | None = None, report_dir: str | Path | None = None,
+                         return_label: bool = True) -> tuple[np.ndarray | None, CaseReport]:
             """Segment one image (a NIfTI path, or an (i, j, k) array with `spacing`).
 
             Returns the uint8 label map on the input grid and the CaseReport. With `output` the label
             map is written there (NIfTI with the input's exact header/affine). With `report_dir` the
-            report is written to `<report_dir>/<case>.json`.
+            report is written to `<report_dir>/<case>.json`. With `output` and `return_label=False`
+            the label map is streamed to the file plane by plane and never held whole (less memory
+            and time; None is returned in its place).
             """
             self._require_model()
             t_all = time.perf_counter()
             with _monitor(self.monitor) as mon:
                 pre = self.preprocess(image, spacing, affine, case_id)
                 labels, rep = self._network_phase(pre)
-                t0 = time.perf_counter()
-                label = self.labels_to_original(labels, pre)
-                del labels
-                rep.time_resample_s = time.perf_counter() - t0
-                if output is not None:
+                label = None
+                if output is not None and not return_label:
+                    self.write_labels(labels, pre, Path(output), rep)
+                else:
                     t0 = time.perf_counter()
-                    self._write(label, pre, Path(output))
-                    rep.time_write_s = time.perf_counter() - t0
-                    rep.output = str(output)
+                    label = self.labels_to_original(labels, pre)
+                    rep.time_resample_s = time.perf_counter() - t0
+                    if output is not None:
+                        t0 = time.perf_counter()
+                        self._write(label, pre, Path(output))
+                        rep.time_write_s = time.perf_counter() - t0
+                        rep.output = str(output)
+                del labels
             rep.total_s = time.perf_counter() - t_all
             self._finish_report(rep, mon)
             if report_dir is not None:
@@ -782,15 +814,8 @@ def _make_class():
                         return
                     f, cid, out, pre, labels, rep = item
                     try:
-                        t0 = time.perf_counter()
-                        label = self.labels_to_original(labels, pre)
+                        self.write_labels(labels, pre, out, rep)
                         del labels
-                        rep.time_resample_s = time.perf_counter() - t0
-                        t0 = time.perf_counter()
-                        self._write(label, pre, out)
-                        rep.time_write_s = time.perf_counter() - t0
-                        del label
-                        rep.output = str(out)
                         rep.total_s = (rep.time_read_s + rep.time_preprocess_s + rep.time_network_s
                                        + rep.time_resample_s + rep.time_write_s)
                         _atomic_text(eff_dir / f"{cid}.json", json.dumps(rep.to_dict(), indent=1))
@@ -898,10 +923,24 @@ def run_predict(model_dir: str | Path, input: str | Path, output: str | Path, *,
     if target.exists() and not overwrite:
         log(f"{target} exists: skipped (use --overwrite)")
         return 0
-    _, rep = p.predict_case(input, target, report_dir=target.parent / EFFICIENCY_DIR)
+    _, rep = p.predict_case(input, target, report_dir=target.parent / EFFICIENCY_DIR, return_label=False)
     log(f"{target}: {rep.windows_evaluated}/{rep.windows_grid} windows ({rep.windows_nnunet_full} in nnU-Net's "
         f"full sliding window), {rep.total_s:.2f} s, peak RAM {rep.peak_rss_mib or rep.maxrss_mib:.0f} MiB")
     return 0
+
+
+def _timed(items, spent: list):
+    """Yield from `items`, adding the time spent producing them to spent[0]."""
+    it = iter(items)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            x = next(it)
+        except StopIteration:
+            spent[0] += time.perf_counter() - t0
+            return
+        spent[0] += time.perf_counter() - t0
+        yield x
 
 
 def _remove_stale_temporaries(folder: Path) -> None:

@@ -32,7 +32,7 @@ the forward resampling, written plane by plane straight into the original-size u
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -186,6 +186,38 @@ def labels_to_original(labels: torch.Tensor | np.ndarray, out: np.ndarray, *, sl
             last = k
         dst[o] = plane
     return out
+
+
+def label_planes(labels: torch.Tensor | np.ndarray, shape: Sequence[int], crop: Sequence[slice],
+                 perm: Sequence[int], dtype=np.uint8) -> Iterator[np.ndarray]:
+    """The original-grid label map, one plane of the last file axis k at a time, for a streaming writer
+    (`flare_utils.io.save_nifti_planes_like`): nearest-neighbour resampling (`nearest-exact`, as
+    `labels_to_original`) of the network-grid `labels` into `crop` of a zero array of `shape`.
+
+    labels: network axis d = file axis perm[d]. Each yielded plane is (shape[1], shape[0]) (j, i) in C
+    order, NIfTI's byte order; consecutive planes that read the same network slice are the same
+    buffer, so the work is one in-plane gather per network slice and the memory one original plane
+    (no original-size array at all)."""
+    src = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if src.ndim != 3 or len(shape) != 3:
+        raise ValueError("3D label maps expected")
+    perm = tuple(int(a) for a in perm)
+    src = src.transpose([perm.index(f) for f in (1, 0, 2)])           # network -> file axes (j, i, k)
+    lo = [int(c.start or 0) for c in crop]
+    hi = [int(shape[f] if c.stop is None else c.stop) for f, c in enumerate(crop)]
+    idx = [nearest_indices(int(src.shape[a]), hi[f] - lo[f]) for a, f in enumerate((1, 0, 2))]
+    rows, cols, ks = idx
+    empty = np.zeros((int(shape[1]), int(shape[0])), dtype=dtype)
+    plane, last = empty.copy(), -1
+    for k in range(int(shape[2])):
+        if not lo[2] <= k < hi[2]:
+            yield empty
+            continue
+        s = int(ks[k - lo[2]])
+        if s != last:
+            plane[lo[1]:hi[1], lo[0]:hi[0]] = src[:, :, s][rows][:, cols]
+            last = s
+        yield plane
 
 
 def separate_z_axis(current_spacing: Sequence[float], new_spacing: Sequence[float]) -> int | None:

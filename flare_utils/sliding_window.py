@@ -199,14 +199,23 @@ class SlidingWindowResult:
 
 
 def argmax0(a: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """argmax over the first (class) axis, first maximum wins like torch.argmax; one contiguous pass
-    per class, several times faster on CPU than torch.argmax(a, 0), which reduces across a strided axis."""
+    """argmax over the first (class) axis, first maximum wins like torch.argmax; a few contiguous
+    passes per class into preallocated buffers, several times faster on CPU than torch.argmax(a, 0),
+    which reduces across a strided axis. Classes come in increasing order, so where class c is a new
+    strict maximum the index so far is < c and `idx = max(idx, c * is_new_max)` sets it."""
+    shape = a.shape[1:]
     best = a[0].clone()
-    idx = torch.zeros(a.shape[1:], dtype=dtype, device=a.device)
+    idx = torch.zeros(shape, dtype=dtype, device=a.device)
+    is_max = torch.empty(shape, dtype=torch.bool, device=a.device)
+    cand = torch.empty(shape, dtype=dtype, device=a.device)
     for c in range(1, a.shape[0]):
-        m = a[c] > best
-        best = torch.where(m, a[c], best)
-        idx.masked_fill_(m, c)
+        torch.gt(a[c], best, out=is_max)
+        torch.maximum(best, a[c], out=best)
+        if dtype == torch.uint8:
+            torch.mul(is_max.view(torch.uint8), c, out=cand)
+        else:
+            cand.copy_(is_max).mul_(c)
+        torch.maximum(idx, cand, out=idx)
     return idx
 
 
@@ -218,6 +227,17 @@ def foreground_count(a: torch.Tensor) -> int:
     for c in range(2, a.shape[0]):
         torch.maximum(best, a[c], out=best)
     return int((best > a[0]).sum().item())
+
+
+def _shift_down(t: torch.Tensor, axis: int, shift: int) -> None:
+    """In place: move t's slices [shift:] along `axis` to the front and zero the freed end."""
+    n = t.shape[axis]
+    shift = min(shift, n)
+    keep = n - shift
+    if keep > 0:
+        src = t.narrow(axis, shift, keep)
+        t.narrow(axis, 0, keep).copy_(src if shift >= keep else src.clone())   # no overlap, or a copy
+    t.narrow(axis, keep, shift).zero_()
 
 
 def _sync(device: torch.device) -> None:
@@ -257,23 +277,20 @@ def run_sliding_window(data: torch.Tensor, grid: WindowGrid, forward: Callable[[
     t_loop = time.perf_counter()
 
     def finalize(until: int) -> None:
-        nonlocal base, done, acc, wsum
+        nonlocal base, done
         n = until - done
         if n <= 0:
             return
         a = acc.narrow(la + 1, done - base, n)
         w = wsum.narrow(la, done - base, n)
         lab = argmax0(a, label_dtype)
-        lab[w == 0] = 0
+        lab.masked_fill_(w == 0, 0)
         labels.narrow(la, done, n).copy_(lab)
         done = until
         if stream:
             shift = until - base
-            keep = buf_len - shift
-            acc = torch.cat([acc.narrow(la + 1, shift, keep),
-                             acc.new_zeros(acc.shape[:la + 1] + (shift,) + acc.shape[la + 2:])], la + 1)
-            wsum = torch.cat([wsum.narrow(la, shift, keep),
-                              wsum.new_zeros(wsum.shape[:la] + (shift,) + wsum.shape[la + 1:])], la)
+            _shift_down(acc, la + 1, shift)
+            _shift_down(wsum, la, shift)
             base = until
 
     def window_slices(start, spatial_only: bool):

@@ -135,6 +135,10 @@ def test_written_geometry_equals_input_exactly(predictor, tiny_cases, tmp_path, 
     path = _oblique_input(_img(tiny_cases, 0), tmp_path, gz)
     out = tmp_path / "pred" / "oblique.nii.gz"
     label, rep = predictor.predict_case(path, out)
+    streamed, rep2 = predictor.predict_case(path, tmp_path / "pred" / "streamed.nii.gz", return_label=False)
+    assert streamed is None and rep2.output.endswith("streamed.nii.gz")
+    s = nib.load(tmp_path / "pred" / "streamed.nii.gz")
+    assert np.array_equal(np.asarray(s.dataobj), label) and s.header.binaryblock == nib.load(out).header.binaryblock
     a, b = nib.load(path), nib.load(out)
     assert b.shape == a.shape and np.asarray(b.dataobj).dtype == np.uint8
     assert np.array_equal(b.affine, a.affine)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flare_utils.resample import (CTNormalizer, body_bbox, compute_new_shape, labels_to_original,
+from flare_utils.resample import (CTNormalizer, body_bbox, compute_new_shape, label_planes, labels_to_original,
                                   nearest_indices, resample_to_grid, separate_z_axis)
 
 PROPS = {"mean": 80.0, "std": 120.0, "percentile_00_5": -950.0, "percentile_99_5": 1400.0}
@@ -106,3 +106,51 @@ def test_labels_to_original_nearest_exact(src, dst):
     np.testing.assert_array_equal(big[2:2 + dst[2], :, 1:1 + dst[0]], ref.transpose(2, 1, 0))
     assert big[:2].sum() == 0
     assert nearest_indices(4, 8).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("perm", [(2, 1, 0), (0, 1, 2), (1, 2, 0)])
+def test_label_planes_equal_labels_to_original(perm):
+    """The streamed planes are the original-grid label map that labels_to_original writes, plane by plane."""
+    rng = np.random.default_rng(2)
+    shape = (37, 29, 23)                                   # file axes (i, j, k)
+    crop = (slice(3, 31), slice(0, 29), slice(5, 20))
+    crop_shape = [c.stop - c.start for c in crop]
+    net = rng.integers(0, 14, [max(2, crop_shape[f] // 3) for f in perm], dtype=np.uint8)   # network axes
+    ref = np.zeros(shape, np.uint8, order="F")
+    labels_to_original(torch.from_numpy(net), ref[crop].transpose(perm), slab_axis=0)
+    planes = [p.copy() for p in label_planes(torch.from_numpy(net), shape, crop, perm)]
+    assert len(planes) == shape[2] and all(p.shape == (shape[1], shape[0]) and p.flags.c_contiguous for p in planes)
+    np.testing.assert_array_equal(np.stack(planes, axis=2).transpose(1, 0, 2), ref)
+    assert not planes[0].any() and not planes[-1].any()    # outside the crop's k range
+
+
+def test_streamed_nifti_equals_whole_array_write(tmp_path):
+    """save_nifti_planes_like writes the file save_nifti_like writes (header, geometry, data); a wrong number
+    or shape of planes is an error and leaves no file."""
+    import nibabel as nib
+    from flare_utils.io import save_nifti_like, save_nifti_planes_like
+    rng = np.random.default_rng(3)
+    a = np.diag([0.8, 0.9, 1.25, 1.0])
+    a[:3, 3] = (-10.0, 4.0, 2.5)
+    ref_img = nib.Nifti1Image(rng.integers(-1000, 1000, (20, 17, 9)).astype(np.int16), a)
+    ref_img.header.set_slope_inter(0.5, -1024.0)
+    ref_img.set_qform(a, code=1)
+    ref_img.set_sform(a, code=2)
+    lab = rng.integers(0, 14, (20, 17, 9)).astype(np.uint8)
+    for ext in (".nii.gz", ".nii"):
+        whole, streamed = tmp_path / f"whole{ext}", tmp_path / f"streamed{ext}"
+        save_nifti_like(lab, ref_img, whole)
+        save_nifti_planes_like((np.ascontiguousarray(lab[:, :, k].T) for k in range(9)), lab.shape, np.uint8,
+                               ref_img, streamed)
+        w, s_ = nib.load(whole), nib.load(streamed)
+        assert w.header.binaryblock == s_.header.binaryblock
+        assert np.array_equal(np.asarray(s_.dataobj), lab) and np.asarray(s_.dataobj).dtype == np.uint8
+        if ext == ".nii":
+            assert whole.read_bytes() == streamed.read_bytes()
+    bad = tmp_path / "bad.nii.gz"
+    with pytest.raises(ValueError, match="8 planes written"):
+        save_nifti_planes_like((np.zeros((17, 20), np.uint8) for _ in range(8)), (20, 17, 9), np.uint8, ref_img, bad)
+    with pytest.raises(ValueError, match="shape"):
+        save_nifti_planes_like(iter([np.zeros((20, 17), np.uint8)]), (20, 17, 9), np.uint8, ref_img, bad)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["streamed.nii", "streamed.nii.gz", "whole.nii",
+                                                          "whole.nii.gz"]

@@ -205,5 +205,10 @@ def test_argmax0_and_foreground_count_match_torch():
     a[:, 0, 0, 0] = 1.0                                   # ties: the first maximum wins, as in torch.argmax
     assert torch.equal(argmax0(a), torch.argmax(a, 0).to(torch.uint8))
     assert argmax0(a)[0, 0, 0] == 0
+    a[3:7, 1] = a[:, 1].max() + 1.0                       # a tie between later classes: the first (3) wins
+    assert torch.equal(argmax0(a), torch.argmax(a, 0).to(torch.uint8))
+    assert (argmax0(a)[1] == 3).all()
+    many = torch.randn(300, 3, 4, 5)                       # > 255 classes: int16 labels
+    assert torch.equal(argmax0(many, torch.int16), torch.argmax(many, 0).to(torch.int16))
     assert foreground_count(a) == int((torch.argmax(a, 0) != 0).sum())
     assert foreground_count(a[:1]) == 0
