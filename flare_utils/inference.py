@@ -675,24 +675,27 @@ def _make_class():
                 from .io import save_nifti
                 save_nifti(label, pre.affine, output)
 
-        def write_labels(self, labels: torch.Tensor, pre: PreprocessedCase, output: Path, rep: CaseReport) -> None:
+        def write_labels(self, labels: torch.Tensor, pre: PreprocessedCase, output: Path, rep: CaseReport,
+                         label: np.ndarray | None = None) -> None:
             """Network-grid labels -> the original grid -> `output`, plane by plane (no original-size array:
-            `label_planes` feeds `save_nifti_planes_like`); in-memory inputs (no header) go through the
-            whole label map. Sets the report's resample and write times and output."""
+            `label_planes` feeds `save_nifti_planes_like`). `label`: the original-grid map when the caller
+            already has it; it, and in-memory inputs (no header), are written whole. Sets the report's
+            resample and write times and output."""
             t_all = time.perf_counter()
-            if pre.header is None:
-                label = self.labels_to_original(labels, pre)
-                rep.time_resample_s = time.perf_counter() - t_all
-                t0 = time.perf_counter()
-                self._write(label, pre, output)
-                rep.time_write_s = time.perf_counter() - t0
-            else:
+            if label is None and pre.header is not None:
                 spent = [0.0]
                 planes = _timed(label_planes(labels, pre.shape, pre.crop, pre.perm, self._label_dtype()), spent)
                 save_nifti_planes_like(planes, pre.shape, self._label_dtype(), SimpleNamespace(header=pre.header),
                                        output)
                 rep.time_resample_s = spent[0]
                 rep.time_write_s = time.perf_counter() - t_all - spent[0]
+            else:
+                if label is None:
+                    label = self.labels_to_original(labels, pre)
+                    rep.time_resample_s = time.perf_counter() - t_all
+                t0 = time.perf_counter()
+                self._write(label, pre, output)
+                rep.time_write_s = time.perf_counter() - t0
             rep.output = str(output)
 
         def _label_dtype(self):
@@ -716,17 +719,12 @@ def _make_class():
                 pre = self.preprocess(image, spacing, affine, case_id)
                 labels, rep = self._network_phase(pre)
                 label = None
-                if output is not None and not return_label:
-                    self.write_labels(labels, pre, Path(output), rep)
-                else:
+                if return_label or output is None:
                     t0 = time.perf_counter()
                     label = self.labels_to_original(labels, pre)
                     rep.time_resample_s = time.perf_counter() - t0
-                    if output is not None:
-                        t0 = time.perf_counter()
-                        self._write(label, pre, Path(output))
-                        rep.time_write_s = time.perf_counter() - t0
-                        rep.output = str(output)
+                if output is not None:
+                    self.write_labels(labels, pre, Path(output), rep, label)
                 del labels
             rep.total_s = time.perf_counter() - t_all
             self._finish_report(rep, mon)

@@ -7,15 +7,12 @@ half-written file: they write a temporary sibling and rename it into place.
 Compressed files (.nii.gz) go through ISA-L's gzip (the `isal` package) when it is installed:
 the same gzip format, read about 2x and written (level 1, nibabel's default) about 4x faster than
 Python's zlib on a 512x512x400 CT (docs/benchmarks.md); for a small inference network the gzip
-work is otherwise a large part of a case's time. A single-member .nii.gz is inflated in one pass
-into one numpy buffer sized from the gzip trailer, the voxel array a view of it (no zero-filled
-staging buffer, no copy per chunk); anything else takes nibabel's stream. Without `isal` nibabel's
-own gzip is used. `save_nifti_planes_like` writes a volume plane by plane, never holding it whole.
+work is otherwise a large part of a case's time. Without `isal` nibabel's own gzip is used.
+`save_nifti_planes_like` writes a volume plane by plane, never holding it whole.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import tempfile
@@ -27,14 +24,14 @@ from typing import Iterator
 
 import nibabel as nib
 import numpy as np
-from nibabel.volumeutils import apply_read_scaling
 
 from .errors import FlareInputError
 
 try:                                   # ISA-L gzip: same format, several times faster than zlib
     from isal import igzip as _igzip
+    from isal.igzip_lib import IsalError as _igzip_error
 except ImportError:                    # pragma: no cover - optional speed-up
-    _igzip = None
+    _igzip, _igzip_error = None, ()
 
 # Two geometries are "the same" when they agree to these tolerances (mm / unitless).
 SPACING_ATOL = 1e-3
@@ -90,108 +87,22 @@ def read_nifti(path: str | Path, *, unscaled: bool = False) -> tuple[nib.Nifti1I
     (no slope/intercept applied; the image's `dataobj.slope`/`.inter` say how to scale them).
     nibabel errors propagate (callers turn them into FlareInputError)."""
     if _igzip is not None and _gz(path):
-        fast = _read_gz_whole(path)
-        if fast is not None:
-            img, data = fast
-            if not unscaled:
-                data = apply_read_scaling(data, np.asanyarray(img.dataobj.slope), np.asanyarray(img.dataobj.inter))
-            return img, data
         with _igzip.open(str(path), "rb") as f:
-            img = _nifti_class(f.read(4)).from_stream(_rewind(f))
+            head = f.read(4)
+            f.seek(0)
+            cls = nib.Nifti2Image if int.from_bytes(head, "little") == 540 or \
+                int.from_bytes(head, "big") == 540 else nib.Nifti1Image
+            img = cls.from_stream(f)
             proxy = img.dataobj
-            data = np.asanyarray(proxy.get_unscaled() if unscaled else proxy)
+            try:
+                data = np.asanyarray(proxy.get_unscaled() if unscaled else proxy)
+            except _igzip_error as e:            # not an OSError: say what it is, as zlib would
+                raise OSError(f"corrupt gzip data ({e})") from e
         return img, data
     img = nib.load(str(path))
     proxy = img.dataobj
     data = np.asanyarray(proxy.get_unscaled() if unscaled and hasattr(proxy, "get_unscaled") else proxy)
     return img, data
-
-
-def _nifti_class(head: bytes):
-    return nib.Nifti2Image if 540 in (int.from_bytes(head, "little"), int.from_bytes(head, "big")) else nib.Nifti1Image
-
-
-def _rewind(f):
-    f.seek(0)
-    return f
-
-
-_INFLATE_IN = 1 << 20              # compressed bytes per read
-
-
-def _read_gz_whole(path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray] | None:
-    """A .nii.gz inflated by ISA-L straight into one numpy buffer sized from the gzip trailer, the voxel
-    array a view of it (stored values, file dtype, Fortran order, writable). None when the file is not
-    one gzip member holding exactly header + data (several members, over 4 GiB, trailing bytes): the
-    caller then takes the streaming path. Against nibabel's read through a gzip stream this skips its
-    zero-filled bytearray and one copy per chunk (about 0.15 s of 0.7 s for a 512x512x400 CT)."""
-    from isal import igzip_lib
-    with open(path, "rb") as raw:
-        raw.seek(0, os.SEEK_END)
-        packed = raw.tell()
-        if packed < 18:
-            return None
-        raw.seek(-4, os.SEEK_END)
-        size = int.from_bytes(raw.read(4), "little")     # ISIZE: uncompressed size mod 2**32
-        raw.seek(0)
-        if not 348 <= size <= 1032 * packed:              # deflate expands at most ~1032:1
-            return None
-        buf = np.empty(size, np.uint8)                    # large numpy buffers get transparent huge pages
-        out = memoryview(buf)
-        d = igzip_lib.IgzipDecompressor(flag=igzip_lib.DECOMP_GZIP)
-        pos, data = 0, b""
-        while not d.eof:
-            if d.needs_input:
-                data = raw.read(_INFLATE_IN)
-                if not data:
-                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
-            try:
-                chunk = d.decompress(data, size - pos + 1)
-            except igzip_lib.IsalError as e:
-                raise OSError(f"corrupt gzip data ({e})") from e
-            data = b""
-            if pos + len(chunk) > size:
-                return None                               # more data than the trailer says: > 4 GiB
-            out[pos:pos + len(chunk)] = chunk
-            pos += len(chunk)
-        if pos != size or d.unused_data or raw.read(1):
-            return None                                   # several gzip members or trailing bytes
-    head = bytes(out[:4])
-    cls = _nifti_class(head)
-    img = cls.from_stream(_BufferReader(out, 0))          # header + extensions, as nibabel parses them
-    proxy = img.dataobj                                   # where nibabel would read the voxels from
-    offset, shape, dtype = int(proxy.offset), tuple(int(v) for v in proxy.shape), np.dtype(proxy.dtype)
-    if offset + int(np.prod(shape)) * dtype.itemsize != size:
-        return None
-    data = np.ndarray(shape, dtype=dtype, buffer=buf, offset=offset, order=getattr(proxy, "order", "F"))
-    return img, data
-
-
-class _BufferReader(io.RawIOBase):
-    """A read-only file over a memoryview (nibabel parses headers from it without copying the data)."""
-
-    def __init__(self, view: memoryview, pos: int = 0):
-        self._view, self._pos = view, pos
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, b) -> int:
-        n = max(0, min(len(b), len(self._view) - self._pos))
-        memoryview(b).cast("B")[:n] = self._view[self._pos:self._pos + n]
-        self._pos += n
-        return n
 
 
 def write_nifti(img: nib.Nifti1Image, path: str | Path) -> None:

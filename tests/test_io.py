@@ -66,34 +66,6 @@ def test_nifti2_gz_is_read(tmp_path):
     assert isinstance(img, nib.Nifti2Image) and np.array_equal(arr, data)
 
 
-def test_whole_file_inflate_equals_nibabel(tmp_path):
-    """The one-buffer ISA-L read gives nibabel's arrays (stored and scaled, dtype and values), keeps NIfTI
-    extensions, returns a writable array, and falls back to the streaming read for files it cannot size
-    (several gzip members)."""
-    data, affine = _image()
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_slope_inter(0.5, -1024.0)
-    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"a comment for the extension test"))
-    path = tmp_path / "x.nii.gz"
-    nib.save(img, str(path))
-    ref = nib.load(str(path))
-    fast = io._read_gz_whole(path)
-    assert fast is not None
-    im, raw = fast
-    assert raw.dtype == np.int16 and np.array_equal(raw, data) and raw.flags.writeable
-    assert len(im.header.extensions) == 1 and im.header.extensions[0].get_content() == b"a comment for the extension test"
-    _, scaled = io.read_nifti(path)
-    want = np.asanyarray(ref.dataobj)
-    assert scaled.dtype == want.dtype and np.array_equal(scaled, want)
-    # two gzip members (a valid .gz that some tools write): not sized by the trailer, read by the stream
-    blob = gzip.decompress(path.read_bytes())
-    multi = tmp_path / "multi.nii.gz"
-    multi.write_bytes(gzip.compress(blob[:1000]) + gzip.compress(blob[1000:]))
-    assert io._read_gz_whole(multi) is None
-    _, arr = io.read_nifti(multi, unscaled=True)
-    assert np.array_equal(arr, data)
-
-
 def test_corrupt_gzip_is_an_input_error(tmp_path):
     data, affine = _image()
     out = io.save_nifti(data, affine, tmp_path / "c.nii.gz")
