@@ -25,9 +25,10 @@ others are the in-plane axes.
   or far off-centre) is never looked at and is missed by design; the preprocessing crops to the
   body first, so "centre" means the centre of the body's bounding box.
   A smaller `inplane_step` (0.33) narrows the band to 1 + 2 * step patches but puts every voxel
-  in it nearer a window centre, for the same 9 windows: with the benchmark's small model that
-  brought the whole-body DSC to within 0.4 points of the full tiling (0.5: 1.1 points lower on
-  average, up to 2.9), see docs/benchmarks.md.
+  in it nearer a window centre, for the same 9 windows. With the benchmark's small models the
+  paper's 0.5 is about 1 point of DSC below the full tiling on average over five whole-body
+  cases, all of it on bodies wider than the band (2.5-3.2 points on the widest); 0.33 helped one
+  model and hurt single cases of another (docs/benchmarks.md), so it is an option, not a fix.
   At each z step the centre window runs first; when its prediction (argmax over classes of that
   window alone, after TTA/fold averaging) holds fewer than `centre_threshold` foreground voxels
   (argmax != 0), its 8 neighbours are skipped. The default threshold 1 is the paper's rule
