@@ -138,11 +138,10 @@ def save_nifti_planes_like(planes: Iterator[np.ndarray], shape: tuple[int, int, 
     shape = tuple(int(s) for s in shape)
     header = reference.header.copy()
     header.set_data_dtype(dtype)
-    header.set_slope_inter(1.0, 0.0)
     img = nib.Nifti1Image(np.broadcast_to(np.zeros((), dtype), shape), None, header=header)   # no memory
     img.update_header()                    # shape, magic: what nib.save would set
     hdr = img.header
-    hdr.set_slope_inter(1.0, 0.0)
+    hdr.set_slope_inter(1.0, 0.0)          # labels are stored values
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as raw, _open_for_write(raw) as f:
