@@ -81,7 +81,7 @@ from .progress import report as report_progress
 from .errors import FlareInputError
 from .io import case_id_from_path, read_nifti, save_nifti_like, save_nifti_planes_like
 from .resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape, label_planes,
-                       labels_to_original, resample_to_grid, separate_z_axis)
+                       resample_to_grid, separate_z_axis)
 from .sliding_window import (DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP, MODES, SlidingWindowResult, WindowGrid,
                              make_grid, nnunet_window_count, paper_eq2_count, run_sliding_window)
 
@@ -635,11 +635,12 @@ def _make_class():
 
         # -- back to the original grid ---------------------------------------------------------
         def labels_to_original(self, labels: torch.Tensor, pre: PreprocessedCase) -> np.ndarray:
-            """Nearest-neighbour resampling of network-grid labels into the uncropped file grid (uint8)."""
+            """Nearest-neighbour resampling of network-grid labels into the uncropped file grid (uint8): the
+            planes the streamed writer gets (`label_planes`), gathered into one array."""
             # Fortran order: NIfTI's voxel order, so the writer streams the array without a transposed copy
-            out = np.zeros(pre.shape, dtype=self._label_dtype(), order="F")
-            view = out[pre.crop].transpose(pre.perm)
-            labels_to_original(labels, view, slab_axis=pre.long_axis)
+            out = np.empty(pre.shape, dtype=self._label_dtype(), order="F")
+            for k, plane in enumerate(label_planes(labels, pre.shape, pre.crop, pre.perm, out.dtype)):
+                out[:, :, k] = plane.T
             return out
 
         # -- one case --------------------------------------------------------------------------
