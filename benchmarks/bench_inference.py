@@ -1,4 +1,4 @@
-"""Benchmark: efficient inference (flare_utils.inference) against nnU-Net v2's own predictor.
+"""Benchmark: efficient inference (flare_utils.inference.predictor) against nnU-Net v2's own predictor.
 
 Usage::
 
@@ -7,9 +7,9 @@ Usage::
 
 What runs, each measurement in its own fresh subprocess (so its peak RSS is its own):
 
-* cases: synthetic CTs from `flare_utils.phantom` at 512 x 512 with 0.8 x 0.8 x 1.25 mm voxels: a
+* cases: synthetic CTs from `flare_utils.synthetic.phantom` at 512 x 512 with 0.8 x 0.8 x 1.25 mm voxels: a
   "whole_body"-FOV scan of 400 slices, an abdomen-only scan, and (for memory) a 1000-slice scan;
-* model: unless --model is given, `flare_utils.demo_model.train_demo_model` trains the project's
+* model: unless --model is given, `tests/demo_model.py`'s `train_demo_model` trains the project's
   `efficient_demo` plan (stock nnU-Net v2 trainer, nnU-Net's Adam recipe, short schedule) on
   demo-scale phantom cases;
 * methods: ours (mode "efficient", no TTA, centre threshold 1 voxel = the paper's rule), the same
@@ -25,7 +25,7 @@ What runs, each measurement in its own fresh subprocess (so its peak RSS is its 
 * figures: windows (and network forward passes: windows x 8 with mirroring), wall time of the
   prediction (model loaded, file to file), peak RSS (ru_maxrss of the worker: whole process,
   imports and model included; plus the ResourceMonitor's peak during prediction), DSC per case
-  (mean over the organs present in the ground truth, flare_utils.metrics), and for ours the time per
+  (mean over the organs present in the ground truth, flare_utils.evaluation.metrics), and for ours the time per
   phase and the summed network-forward time of the windows evaluated, for the first case of the
   process (cold: what one `flare-study predict` call costs) and for the same case predicted again in
   that process (`warm`: every later case of a batch).
@@ -48,6 +48,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
+sys.path.insert(0, str(PROJECT / "tests"))   # demo_model: the test suite's small trained model
 
 METHODS = ("ours_efficient", "ours_efficient_native", "ours_full", "ours_efficient_t1000", "ours_efficient_batch4",
            "ours_efficient_ip33", "nnunet_default", "nnunet_no_tta")
@@ -63,7 +64,7 @@ RUNS = [("wholebody", m) for m in METHODS] + \
 
 def make_case(path_img: Path, path_gt: Path, seed: int, fov: str, n_slices: int | None) -> dict:
     import numpy as np
-    from flare_utils.phantom import PRESETS, generate_case
+    from flare_utils.synthetic.phantom import PRESETS, generate_case
     preset = dataclasses.replace(PRESETS["realistic"], name="bench_0.8x1.25", matrix=(512, 512),
                                  inplane_spacing=(0.8, 0.8), slice_spacing=(1.25, 1.25), slice_choices=(1.25,),
                                  max_slices=max(400, n_slices or 0), n_slices=n_slices)
@@ -111,7 +112,7 @@ def ensure_cases(work: Path, long_slices: int, skip_long: bool, gap_cases: int =
 
 def ensure_model(work: Path, epochs: int, iterations: int, n_cases: int, optimizer: str = "adamw",
                  oversample: float | None = None, augment: bool = False) -> Path:
-    from flare_utils.demo_model import train_demo_model
+    from demo_model import train_demo_model
     t0 = time.time()
     m = train_demo_model(work / "model", dataset_id=952, name="BenchInference", n_cases=n_cases, preset="demo",
                          fov=("abdomen", "whole_body", "chest_abdomen_pelvis", "abdomen", "abdomen_pelvis"),
@@ -131,7 +132,7 @@ def _maxrss_mib() -> float:
 def worker(method: str, model: str, image: str, out_dir: str, threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)
-    from flare_utils.efficiency import ResourceMonitor
+    from flare_utils.evaluation.efficiency import ResourceMonitor
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = Path(image).name.replace("_0000.nii.gz", "")
@@ -139,7 +140,7 @@ def worker(method: str, model: str, image: str, out_dir: str, threads: int) -> d
     if method.startswith("ours"):
         import re
         import shutil
-        from flare_utils.inference import EfficientPredictor
+        from flare_utils.inference.predictor import EfficientPredictor
         thr = re.search(r"_t(\d+)", method)
         batch = re.search(r"_batch(\d+)", method)
         inplane = re.search(r"_ip(\d+)", method)
@@ -188,7 +189,7 @@ def worker(method: str, model: str, image: str, out_dir: str, threads: int) -> d
             os.remove(out_dir / f"{name}_warm.nii.gz")
     else:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-        from flare_utils.sliding_window import nnunet_window_count
+        from flare_utils.inference.sliding_window import nnunet_window_count
         mirroring = method == "nnunet_default"
         t0 = time.perf_counter()
         p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
@@ -223,7 +224,7 @@ def worker(method: str, model: str, image: str, out_dir: str, threads: int) -> d
 def dsc_of(pred: str, gt: str) -> dict:
     import nibabel as nib
     import numpy as np
-    from flare_utils.metrics import evaluate_case
+    from flare_utils.evaluation.metrics import evaluate_case
     g = nib.load(gt)
     gt_a = np.asarray(g.dataobj)
     pr = np.asarray(nib.load(pred).dataobj)

@@ -1,4 +1,4 @@
-"""Benchmark: .nii.gz reading and writing, flare_utils.io (ISA-L gzip) against nibabel's own (zlib).
+"""Benchmark: .nii.gz reading and writing, flare_utils.data.io (ISA-L gzip) against nibabel's own (zlib).
 
 Usage::
 
@@ -6,7 +6,7 @@ Usage::
 
 On a whole-body synthetic CT (512 x 512 x ~400, int16) and its uint8 label map, each operation
 `--repeats` times, best time kept: nibabel's `nib.save` / `nib.load` + array read (the reference)
-and flare_utils.io's `write_nifti` / `read_nifti`. Checks that the outputs are the same data, that
+and flare_utils.data.io's `write_nifti` / `read_nifti`. Checks that the outputs are the same data, that
 nibabel reads our files, and reports sizes and the speed ratio.
 """
 from __future__ import annotations
@@ -35,15 +35,15 @@ def main() -> int:
     import nibabel as nib
     import numpy as np
 
-    from flare_utils import io
-    from flare_utils.phantom import generate_case
+    from flare_utils.data import io
+    from flare_utils.synthetic.phantom import generate_case
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "io.json")
     a = ap.parse_args()
     if io._igzip is None:
-        print("isal is not installed: flare_utils.io falls back to nibabel's gzip", file=sys.stderr)
+        print("isal is not installed: flare_utils.data.io falls back to nibabel's gzip", file=sys.stderr)
         return 1
     case = generate_case(3, "realistic", fov="whole_body")
     images = {"CT int16": nib.Nifti1Image(case.image.astype(np.int16), case.affine),

@@ -1,4 +1,4 @@
-"""Benchmark: flare_utils.metrics.evaluate_case vs the official FLARE22 loop on surface_distance.
+"""Benchmark: flare_utils.evaluation.metrics.evaluate_case vs the official FLARE22 loop on surface_distance.
 
 Builds a 512 x 512 x 200 label map with the 13 FLARE22 organs (the real TotalSegmentator masks of
 ../shared/data/real_ct upsampled with linear interpolation, or synthetic ellipsoids where that data
@@ -30,8 +30,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flare_utils.labels import ORGANS, label_for  # noqa: E402
-from flare_utils.metrics import evaluate_case  # noqa: E402
+from flare_utils.data.labels import ORGANS, label_for  # noqa: E402
+from flare_utils.evaluation.metrics import evaluate_case  # noqa: E402
 
 SHARED = Path(os.environ.get("FLARE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -216,7 +216,7 @@ def main(argv=None):
         return d
 
     result = {
-        "benchmark": "flare_utils.metrics.evaluate_case vs official FLARE22 loop on surface_distance",
+        "benchmark": "flare_utils.evaluation.metrics.evaluate_case vs official FLARE22 loop on surface_distance",
         "shape": list(gt.shape), "spacing_mm": list(spacing), "case_source": source,
         "revision": "2022", "processes": 1,
         "ours_s": float(np.median(t_ours)), "ours_runs_s": t_ours,
@@ -237,9 +237,9 @@ def main(argv=None):
     print("| implementation | time (s) | speed-up | max abs diff DSC | max abs diff NSD |")
     print("|---|---|---|---|---|")
     print(f"| official loop on surface_distance | {result['reference_s']:.2f} | 1.0x | - | - |")
-    print(f"| flare_utils.metrics (DSC+NSD) | {result['ours_s']:.2f} | {result['speedup']:.1f}x | "
+    print(f"| flare_utils.evaluation.metrics (DSC+NSD) | {result['ours_s']:.2f} | {result['speedup']:.1f}x | "
           f"{result['max_abs_diff_dsc']:.1e} | {result['max_abs_diff_nsd']:.1e} |")
-    print(f"| flare_utils.metrics (+HD95) | {result['ours_hd95_s']:.2f} | "
+    print(f"| flare_utils.evaluation.metrics (+HD95) | {result['ours_hd95_s']:.2f} | "
           f"{result['reference_s'] / result['ours_hd95_s']:.1f}x | | "
           f"(HD95 max rel diff {result['max_rel_diff_hd95']:.1e}) |")
     out = Path(args.out)

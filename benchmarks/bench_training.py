@@ -40,11 +40,12 @@ PLANS = "nnUNetPlans_efficient_demo"
 
 def prepare(workdir: Path, n_labelled: int, n_unlabelled: int) -> dict:
     """Phantom cohort -> nnU-Net raw dataset -> efficient_demo plans -> selection file (reused)."""
-    from flare_utils.convert import convert_flare22
-    from flare_utils.phantom import write_cohort
-    from flare_utils.plans import plan_and_preprocess
+    from flare_utils.data.convert import convert_flare22
+    from flare_utils.synthetic.phantom import write_cohort
+    from flare_utils.planning.plans import plan_and_preprocess
     from flare_utils.training.api import point_nnunet_at
-    from flare_utils.training.pseudo import prepare_pseudo_cases, write_selection_file
+    from flare_utils.semisup.selection_file import write_selection_file
+    from flare_utils.training.with_pseudo_labels import prepare_pseudo_cases
 
     point_nnunet_at(workdir)
     info = write_cohort(workdir / "cohort", n_labelled, n_unlabelled, 1, preset="demo", fov_mix="abdomen")
@@ -61,7 +62,7 @@ def make_trainers(workdir: Path, selection: Path, device: str, threads: int):
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from flare_utils.training.pseudo import FlarePseudoLabelTrainer, PseudoLabelConfig
+    from flare_utils.training.with_pseudo_labels import FlarePseudoLabelTrainer, PseudoLabelConfig
 
     pre = workdir / "nnUNet_preprocessed" / f"Dataset{DATASET:03d}_{NAME}"
     plans = json.loads((pre / f"{PLANS}.json").read_text())

@@ -1,9 +1,9 @@
-"""Calibrate flare_utils.phantom against the real CT in ../shared/data/real_ct.
+"""Calibrate flare_utils.synthetic.phantom against the real CT in ../shared/data/real_ct.
 
     .venv/bin/python benchmarks/calibrate_phantom.py            # measure the real CT
     .venv/bin/python benchmarks/calibrate_phantom.py --compare  # ... and phantoms made like it
 
-The real numbers are kept as constants in flare_utils/phantom.py (see the calibration table
+The real numbers are kept as constants in flare_utils/synthetic/phantom.py (see the calibration table
 there). Method: each organ mask is eroded by one voxel (3 mm) against partial volume; inside,
 "mean"/"std" are the HU mean and std, "smooth" the std of the 3x3x3 local mean, "noise" the std
 of (voxel - 3x3x3 local mean) * sqrt(27/26). Fat = body voxels in [-190, -30] HU outside organs;
@@ -25,7 +25,7 @@ from scipy import ndimage as ndi
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flare_utils.labels import LABELS, label_for  # noqa: E402
+from flare_utils.data.labels import LABELS, label_for  # noqa: E402
 
 
 def body_mask(ct: np.ndarray) -> np.ndarray:
@@ -79,7 +79,7 @@ def real(root: Path):
 
 
 def phantoms(n: int):
-    from flare_utils.phantom import PRESETS, generate_case
+    from flare_utils.synthetic.phantom import PRESETS, generate_case
     p = dataclasses.replace(PRESETS["demo"], name="calib3mm", inplane_spacing=(3.0, 3.0),
                             slice_spacing=(3.0, 3.0), slice_choices=(3.0,), matrix=(128, 128),
                             contrast_weights={"non_contrast": 1.0}, max_slices=400)

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from flare_utils.study.cli import main
 
 sys.exit(main())

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from flare_utils.io import read_array
+from flare_utils.data.io import read_array
 
 
 def _cli(*args):
@@ -44,8 +44,8 @@ def test_convert_masks_and_dicom_on_real_data(tmp_path, real_ct, real_dicom_seri
 
 
 def test_cohort_without_validation_cases_converts(tmp_path):
-    from flare_utils.convert import convert_flare22
-    from flare_utils.phantom import write_cohort
+    from flare_utils.data.convert import convert_flare22
+    from flare_utils.synthetic.phantom import write_cohort
     write_cohort(tmp_path / "c", 2, 0, 0, preset="tiny")
     res = convert_flare22(tmp_path / "c", tmp_path / "raw", 9, "NoVal")
     assert len(list((res.dataset_dir / "imagesTr").iterdir())) == 2

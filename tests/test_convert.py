@@ -1,4 +1,4 @@
-"""FLARE22 folders -> nnU-Net v2 raw dataset (flare_utils.convert), on tiny synthetic NIfTI files."""
+"""FLARE22 folders -> nnU-Net v2 raw dataset (flare_utils.data.convert), on tiny synthetic NIfTI files."""
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flare_utils import labels
-from flare_utils.convert import (Flare22Layout, convert_flare22, dataset_summary, write_summary)
+from flare_utils.data import labels
+from flare_utils.data.convert import (Flare22Layout, convert_flare22, dataset_summary, write_summary)
 from flare_utils.errors import FlareInputError
 
 SHAPE = (16, 16, 8)
@@ -178,7 +178,7 @@ def test_nnunet_verify_dataset_integrity(flare, tmp_path):
         (tmp_path / k).mkdir()
     code = textwrap.dedent(f"""
         from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-        from flare_utils.convert import verify_with_nnunet
+        from flare_utils.data.convert import verify_with_nnunet
         from flare_utils.errors import FlareInputError
         verify_dataset_integrity({str(res.dataset_dir)!r}, num_processes=1)
         try:

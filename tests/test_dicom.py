@@ -1,4 +1,4 @@
-"""DICOM CT series -> NIfTI (flare_utils.dicom), on synthetic series written with pydicom and the real one."""
+"""DICOM CT series -> NIfTI (flare_utils.data.dicom), on synthetic series written with pydicom and the real one."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from flare_utils.dicom import dicom_series_to_nifti, list_dicom_series, read_dicom_series
+from flare_utils.data.dicom import dicom_series_to_nifti, list_dicom_series, read_dicom_series
 from flare_utils.errors import FlareInputError
 
 ROWS, COLS = 3, 5                     # non-square, so a transposition shows

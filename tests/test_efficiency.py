@@ -16,8 +16,8 @@ import numpy as np
 import psutil
 import pytest
 
-from flare_utils import efficiency
-from flare_utils.efficiency import (NOT_MEASURED, EfficiencyReport, PhaseTimer, ResourceMonitor,
+from flare_utils.evaluation import efficiency
+from flare_utils.evaluation.efficiency import (NOT_MEASURED, EfficiencyReport, PhaseTimer, ResourceMonitor,
                                     load_report)
 
 NCPU = psutil.cpu_count() or 1

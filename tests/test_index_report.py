@@ -1,4 +1,4 @@
-"""flare_utils.index_report on small hand-made run folders (CSV/JSON files and tiny PNGs, no training)."""
+"""flare_utils.study.index_report on small hand-made run folders (CSV/JSON files and tiny PNGs, no training)."""
 from __future__ import annotations
 
 import base64
@@ -19,8 +19,10 @@ matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402
 
-from flare_utils import index_report, report  # noqa: E402
-from flare_utils.labels import ORGANS  # noqa: E402
+from flare_utils.study import index_report
+
+from flare_utils.study import report  # noqa: E402
+from flare_utils.data.labels import ORGANS  # noqa: E402
 
 # Each case has the same score in every organ, so its organ mean is that number (checked by hand).
 CASE_DSC = {

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from flare_utils.errors import FlareInputError
-from flare_utils.inference import CaseReport, EfficientPredictor
-from flare_utils.resample import compute_new_shape
-from flare_utils.sliding_window import nnunet_steps
+from flare_utils.inference.predictor import CaseReport, EfficientPredictor
+from flare_utils.inference.resample import compute_new_shape
+from flare_utils.inference.sliding_window import nnunet_steps
 
 from test_inference_support import tiny_cases, tiny_model  # noqa: F401  (fixtures)
 
@@ -297,7 +297,7 @@ def test_interrupted_run_leaves_no_partial_output_and_resumes(tiny_model, tiny_c
 
 
 def test_cli_predict_file_and_folder(tiny_model, tiny_cases, tmp_path, capsys):
-    from flare_utils.cli import main
+    from flare_utils.study.cli import main
     out = tmp_path / "one.nii.gz"
     assert main(["predict", str(tiny_model), str(_img(tiny_cases, 0)), str(out), "--device", "cpu"]) == 0
     assert out.is_file() and (tmp_path / "efficiency" / "case0.json").is_file()
@@ -314,7 +314,7 @@ def test_cli_predict_file_and_folder(tiny_model, tiny_cases, tmp_path, capsys):
 
 def test_cli_predict_inplane_step(tiny_model, tiny_cases, tmp_path, capsys):
     """--inplane-step reaches the grid: the 8 neighbours sit that many patches from the centre window."""
-    from flare_utils.cli import main
+    from flare_utils.study.cli import main
     reps = {}
     for step in (0.5, 0.25):
         out = tmp_path / str(step)
@@ -340,7 +340,7 @@ def test_cli_predict_inplane_step(tiny_model, tiny_cases, tmp_path, capsys):
 
 
 def test_bad_inputs(tiny_model, tiny_cases, tmp_path, capsys):
-    from flare_utils.cli import main
+    from flare_utils.study.cli import main
     with pytest.raises(FlareInputError, match="model folder not found"):
         EfficientPredictor.from_results_folder(tmp_path / "nope")
     with pytest.raises(FlareInputError, match="plans.json is missing"):
@@ -375,7 +375,7 @@ def test_bad_inputs(tiny_model, tiny_cases, tmp_path, capsys):
 
 
 def test_onednn_convolutions_match_native(tiny_model, tiny_cases):
-    from flare_utils.inference import use_onednn_convolutions
+    from flare_utils.inference.predictor import use_onednn_convolutions
     native = EfficientPredictor.from_results_folder(tiny_model, folds=(0,), device="cpu", onednn=False)
     fast = EfficientPredictor.from_results_folder(tiny_model, folds=(0,), device="cpu")
     assert fast.onednn and not native.onednn

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flare_utils.resample import (CTNormalizer, body_bbox, compute_new_shape, label_planes, labels_to_original,
+from flare_utils.inference.resample import (CTNormalizer, body_bbox, compute_new_shape, label_planes, labels_to_original,
                                   nearest_indices, resample_to_grid, separate_z_axis)
 
 PROPS = {"mean": 80.0, "std": 120.0, "percentile_00_5": -950.0, "percentile_99_5": 1400.0}
@@ -128,7 +128,7 @@ def test_streamed_nifti_equals_whole_array_write(tmp_path):
     """save_nifti_planes_like writes the file save_nifti_like writes (header, geometry, data); a wrong number
     or shape of planes is an error and leaves no file."""
     import nibabel as nib
-    from flare_utils.io import save_nifti_like, save_nifti_planes_like
+    from flare_utils.data.io import save_nifti_like, save_nifti_planes_like
     rng = np.random.default_rng(3)
     a = np.diag([0.8, 0.9, 1.25, 1.0])
     a[:3, 3] = (-10.0, 4.0, 2.5)

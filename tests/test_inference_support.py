@@ -1,7 +1,7 @@
 """Shared fixtures of the inference tests (import them into a test module to use them).
 
 `tiny_model`: a real nnU-Net v2 results folder, trained once on tiny phantom cases with the stock
-nnU-Net trainer on a short schedule (`flare_utils.demo_model`, about a minute on 2 CPU cores),
+nnU-Net trainer on a short schedule (`tests/demo_model.py`, about a minute on 2 CPU cores),
 with fold 0, a perturbed copy as fold 1 and another as fold "all". It is cached in pytest's cache
 folder (`.pytest_cache/d/flare_inference_tiny_model`) and reused by later sessions while the
 training request is unchanged.
@@ -29,7 +29,7 @@ def _cache_dir(request, tmp_path_factory, name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(request, tmp_path_factory) -> Path:
-    from flare_utils.demo_model import train_demo_model
+    from demo_model import train_demo_model
     run_dir = _cache_dir(request, tmp_path_factory, "flare_inference_tiny_model")
     return train_demo_model(run_dir, **MODEL_REQUEST)
 
@@ -37,7 +37,7 @@ def tiny_model(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cases(tmp_path_factory) -> Path:
     """images/<id>_0000.nii.gz and labels/<id>.nii.gz: abdomen, whole body, chest-abdomen-pelvis."""
-    from flare_utils.phantom import generate_case
+    from flare_utils.synthetic.phantom import generate_case
     root = tmp_path_factory.mktemp("tiny_cases")
     (root / "images").mkdir()
     (root / "labels").mkdir()

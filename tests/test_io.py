@@ -1,4 +1,4 @@
-"""flare_utils.io's gzip path (ISA-L when installed): standard files, exact data, clear errors."""
+"""flare_utils.data.io's gzip path (ISA-L when installed): standard files, exact data, clear errors."""
 from __future__ import annotations
 
 import gzip
@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flare_utils import io
+from flare_utils.data import io
 from flare_utils.errors import FlareInputError
 
 

@@ -1,6 +1,4 @@
-from flare_utils import labels
-
-
+from flare_utils.data import labels
 def test_table_matches_flare22_order_and_tolerances():
     expected = [(1, "liver", 5), (2, "right_kidney", 3), (3, "spleen", 3), (4, "pancreas", 5),
                 (5, "aorta", 2), (6, "inferior_vena_cava", 2), (7, "right_adrenal_gland", 2),

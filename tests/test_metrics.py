@@ -1,4 +1,4 @@
-"""flare_utils.metrics / evaluation against DeepMind's surface_distance and the official FLARE22 rules.
+"""flare_utils.evaluation.metrics / evaluation against DeepMind's surface_distance and the official FLARE22 rules.
 
 The reference side of every comparison is `official_reference` below: an independent loop that
 follows FLARE22_DSC_NSD_Eval.py line by line on the `surface_distance` package.
@@ -19,11 +19,11 @@ import surface_distance as sd
 import surface_distance.metrics as sd_metrics
 from surface_distance import lookup_tables
 
-from flare_utils import metrics as M
+from flare_utils.evaluation import metrics as M
 from flare_utils.errors import FlareInputError
-from flare_utils.evaluation import CSV_NAME, SUMMARY_NAME, evaluate_folders
-from flare_utils.labels import LABELS, ORGANS, label_for
-from flare_utils.metrics import OrganScore, evaluate_case, evaluate_files
+from flare_utils.evaluation.evaluate import CSV_NAME, SUMMARY_NAME, evaluate_folders
+from flare_utils.data.labels import LABELS, ORGANS, label_for
+from flare_utils.evaluation.metrics import OrganScore, evaluate_case, evaluate_files
 
 
 class _NumpyWithOldAliases:

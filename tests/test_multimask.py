@@ -1,4 +1,4 @@
-"""One mask per structure -> FLARE22 label map (flare_utils.multimask)."""
+"""One mask per structure -> FLARE22 label map (flare_utils.data.multimask)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flare_utils import labels
+from flare_utils.data import labels
 from flare_utils.errors import FlareInputError
-from flare_utils.multimask import convert_mask_folder, masks_to_label_map, parse_structure_name
+from flare_utils.data.multimask import convert_mask_folder, masks_to_label_map, parse_structure_name
 
 SHAPE = (16, 16, 8)
 

@@ -33,8 +33,8 @@ def build_tiny_raw(base: Path) -> Path:
         return root
     if root.exists():
         shutil.rmtree(root)
-    from flare_utils.convert import convert_flare22
-    from flare_utils.phantom import write_cohort
+    from flare_utils.data.convert import convert_flare22
+    from flare_utils.synthetic.phantom import write_cohort
     write_cohort(root / "cohort", 5, 0, 0, preset="tiny", fov_mix="abdomen")
     convert_flare22(root / "cohort", root / "nnUNet_raw", DATASET, NAME)
     (root / ".complete").write_text("ok")

@@ -12,7 +12,7 @@ import pytest
 
 pm = pytest.importorskip("papermill")
 
-from flare_utils import pseudo  # noqa: E402
+from flare_utils.semisup import rounds as pseudo  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "03_pseudo_labels.ipynb"
 # Same request as tests/test_pseudo.py: one training per pytest session serves both files.
@@ -22,8 +22,8 @@ DEMO_MODEL = dict(dataset_id=957, name="PseudoSmoke", n_cases=5, fov="abdomen", 
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    from flare_utils.demo_model import train_demo_model
-    from flare_utils.phantom import write_cohort
+    from demo_model import train_demo_model
+    from flare_utils.synthetic.phantom import write_cohort
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         shared = train_demo_model(tmp_path_factory.getbasetemp() / "flare_pseudo_demo_model", **DEMO_MODEL)
@@ -48,7 +48,7 @@ def executed(tmp_path_factory):
 
 @pytest.mark.slow
 def test_rounds_and_retrained_model(executed):
-    from flare_utils.training.pseudo import read_selection_file
+    from flare_utils.semisup.selection_file import read_selection_file
     run_dir, teacher, _ = executed
     cases = ["Case_00001", "Case_00002", "Case_00003"]
     assert pseudo.completed_rounds(run_dir) == [1, 2]

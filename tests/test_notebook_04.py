@@ -1,6 +1,6 @@
 """notebooks/04_selection.ipynb end to end (papermill) on three rounds of synthetic pseudo labels.
 
-The rounds are made by `flare_utils.pseudo.predict_round` with a stand-in predictor that returns
+The rounds are made by `flare_utils.semisup.rounds.predict_round` with a stand-in predictor that returns
 each case's ground truth with a case-specific share of its foreground voxels dropped at random
 (independently per round): case i drops about 2.5*i % of them, so unstable cases are also the worse
 ones, which the notebook's check (Spearman of u with 1 - DSC) must find.
@@ -18,8 +18,8 @@ import pytest
 
 pm = pytest.importorskip("papermill")
 
-from flare_utils import pseudo  # noqa: E402
-from flare_utils.io import save_nifti_like  # noqa: E402
+from flare_utils.semisup import rounds as pseudo  # noqa: E402
+from flare_utils.data.io import save_nifti_like  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "04_selection.ipynb"
 N_CASES = 8
@@ -42,7 +42,7 @@ class NoisyTruth:
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    from flare_utils.phantom import write_cohort
+    from flare_utils.synthetic.phantom import write_cohort
     run_dir = tmp_path_factory.mktemp("nb04") / "run"
     cohort = write_cohort(run_dir / "synthetic_cohort", 0, N_CASES, 0, preset="tiny", fov_mix="abdomen", seed=7)
     images = cohort.root / "Training" / "FLARE22_UnlabeledCase"
@@ -59,7 +59,7 @@ def executed(tmp_path_factory):
 
 @pytest.mark.slow
 def test_scores_and_selection_file(executed):
-    from flare_utils.training.pseudo import read_selection_file
+    from flare_utils.semisup.selection_file import read_selection_file
     run_dir, _ = executed
     out = run_dir / "selection"
     scores = pd.read_csv(out / "stability_scores.csv", index_col="case")

@@ -26,7 +26,7 @@ def executed(tmp_path_factory):
         run_dir = tmp_path_factory.mktemp("nb05") / "run"
         for d in ("cohort", "nnUNet_raw", "nnUNet_preprocessed"):
             shutil.copytree(src / d, run_dir / d)
-        from flare_utils.training.pseudo import write_selection_file
+        from flare_utils.semisup.selection_file import write_selection_file
         raw = run_dir / "nnUNet_raw" / f"Dataset{DATASET}_PseudoTiny"
         sel = write_selection_file(run_dir / "selection" / "selected.json", UNLABELLED,
                                    run_dir / "cohort" / "SyntheticTruth" / "unlabelled_labels",

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("flare_utils.evaluation")
+pytest.importorskip("flare_utils.evaluation.evaluate")
 pm = pytest.importorskip("papermill")
 
-from flare_utils.efficiency import EfficiencyReport  # noqa: E402
+from flare_utils.evaluation.efficiency import EfficiencyReport  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "07_evaluation.ipynb"
 SPACING = (1.5, 1.5, 3.0)

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from flare_utils.errors import FlareInputError
-from flare_utils.params import StudyParams, load_params
-from flare_utils.pipeline import validate_stages
+from flare_utils.study.params import StudyParams, load_params
+from flare_utils.study.runner import validate_stages
 
 PARAMS_DIR = Path(__file__).resolve().parents[1] / "params"
 

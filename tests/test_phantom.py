@@ -1,4 +1,4 @@
-"""Tests of the synthetic FLARE22-like CT generator (flare_utils.phantom).
+"""Tests of the synthetic FLARE22-like CT generator (flare_utils.synthetic.phantom).
 
 All but one test use the `tiny` preset (well under a second per case); one generates a
 `realistic` 512x512x200 case and prints how long it took.
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from flare_utils import phantom
+from flare_utils.synthetic import phantom
 from flare_utils.errors import FlareInputError
-from flare_utils.labels import BY_NAME, LABELS
-from flare_utils.phantom import PRESETS, PhantomPreset, generate_case, write_cohort
+from flare_utils.data.labels import BY_NAME, LABELS
+from flare_utils.synthetic.phantom import PRESETS, PhantomPreset, generate_case, write_cohort
 
 L = {name: o.label for name, o in BY_NAME.items()}
 NON_CONTRAST = dataclasses.replace(PRESETS["tiny"], name="tiny_nc",

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from flare_utils.pipeline import StageFailed, run_study
+from flare_utils.study.runner import StageFailed, run_study
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def test_smoke_study_runs_every_stage_and_registers_five_models(smoke_run):
 
 @pytest.mark.slow
 def test_index_report_links_stages_and_shows_the_comparison(smoke_run):
-    from flare_utils.index_report import comparison_table
+    from flare_utils.study.index_report import comparison_table
     run_dir, results = smoke_run
     html = (run_dir / "index.html").read_text()
     assert "Do pseudo labels help?" in html
@@ -163,7 +163,7 @@ def test_second_run_skips_every_stage_and_changes_nothing(smoke_run):
 
 @pytest.mark.slow
 def test_from_and_only_rerun_parts_and_staleness_propagates(smoke_run, tmp_path):
-    from flare_utils.pipeline import study_status
+    from flare_utils.study.runner import study_status
     run_dir, _ = smoke_run
     params = PROJECT / "params" / "smoke.yaml"
     results = run_study(params, run_dir=run_dir, start_from="evaluate", log=lambda m: None)

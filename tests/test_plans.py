@@ -1,4 +1,4 @@
-"""flare_utils.plans: the FLARE22 plan variants, derived from nnU-Net v2's own planning."""
+"""flare_utils.planning.plans: the FLARE22 plan variants, derived from nnU-Net v2's own planning."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flare_utils.errors import FlareInputError
-from flare_utils.labels import dataset_json_labels
-from flare_utils.plans import (PLAN_VARIANTS, PlanVariant, count_parameters, describe_plans, make_plan_variant,
+from flare_utils.data.labels import dataset_json_labels
+from flare_utils.planning.plans import (PLAN_VARIANTS, PlanVariant, count_parameters, describe_plans, make_plan_variant,
                                plan_and_preprocess, plan_topology, skeleton_base_plans)
 
 from tiny_data import preserved_environ  # noqa: E402

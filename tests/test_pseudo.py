@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flare_utils import pseudo
+from flare_utils.semisup import rounds as pseudo
 from flare_utils.errors import FlareInputError
-from flare_utils.io import save_nifti_like
+from flare_utils.data.io import save_nifti_like
 
 PROJECT = Path(__file__).resolve().parents[1]
 # One small real nnU-Net model shared by this file and tests/test_notebook_03.py (same request ->
-# flare_utils.demo_model reuses it within a pytest session). Coarse grid: one 16^3 window per tiny
+# tests/demo_model.py reuses it within a pytest session). Coarse grid: one 16^3 window per tiny
 # case, so 200 cases take seconds. Its labels are meaningless; the machinery is what is tested.
 DEMO_MODEL = dict(dataset_id=957, name="PseudoSmoke", n_cases=5, fov="abdomen", patch_zyx=(16, 16, 16),
                   spacing_zyx=(24.0, 24.0, 24.0), epochs=1, iterations=4, extra_folds=(1,))
@@ -160,8 +160,8 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import nibabel as nib, numpy as np
-    from flare_utils import pseudo
-    from flare_utils.io import save_nifti_like
+    from flare_utils.semisup import rounds as pseudo
+    from flare_utils.data.io import save_nifti_like
 
     class Slow:
         def predict_case(self, image, output=None, case_id=None):
@@ -210,7 +210,7 @@ def test_resume_after_killed_process(tmp_path, unlabelled, teacher):
 # ---------------------------------------------------------------------------------- K rounds
 
 def test_run_rounds_retrains_on_all_previous_pseudo_labels(tmp_path, unlabelled, teacher):
-    from flare_utils.training.pseudo import read_selection_file
+    from flare_utils.semisup.selection_file import read_selection_file
     run = tmp_path / "run"
     trained: list[tuple] = []
 
@@ -278,7 +278,7 @@ def test_input_errors(tmp_path, unlabelled, teacher):
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory) -> Path:
-    from flare_utils.demo_model import train_demo_model
+    from demo_model import train_demo_model
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         return train_demo_model(tmp_path_factory.getbasetemp() / "flare_pseudo_demo_model", **DEMO_MODEL)
@@ -288,7 +288,7 @@ def demo_model(tmp_path_factory) -> Path:
 def test_memory_flat_over_200_cases_with_the_real_predictor(tmp_path, demo_model):
     """200 tiny synthetic cases, the project's predictor (full sliding window, 2-fold ensemble):
     RSS after case 200 vs after case 10 (recorded per case in cases.csv)."""
-    from flare_utils.phantom import write_cohort
+    from flare_utils.synthetic.phantom import write_cohort
     cohort = write_cohort(tmp_path / "cohort", 0, 200, 0, preset="tiny", fov_mix="abdomen", seed=3)
     images = cohort.root / "Training" / "FLARE22_UnlabeledCase"
     run = tmp_path / "run"
@@ -313,9 +313,9 @@ def test_memory_flat_over_200_cases_with_the_real_predictor(tmp_path, demo_model
 @pytest.mark.slow
 def test_round_one_is_the_full_sliding_window_fold_ensemble(tmp_path, demo_model):
     """Round 1 labels == the project's predictor in full mode with both folds, softmax-averaged."""
-    from flare_utils.inference import EfficientPredictor
+    from flare_utils.inference.predictor import EfficientPredictor
     images = _images(tmp_path / "img", 0)
-    from flare_utils.phantom import generate_case
+    from flare_utils.synthetic.phantom import generate_case
     for i in range(2):
         c = generate_case(100 + i, "tiny", fov="abdomen")
         nib.save(nib.Nifti1Image(c.image, c.affine), str(images / f"Case_{i:05d}_0000.nii.gz"))

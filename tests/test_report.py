@@ -1,4 +1,4 @@
-"""Tables and pictures of flare_utils.report on small hand-made per-case tables and volumes."""
+"""Tables and pictures of flare_utils.study.report on small hand-made per-case tables and volumes."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,10 @@ matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402
 
-from flare_utils import report  # noqa: E402
-from flare_utils.efficiency import EfficiencyReport  # noqa: E402
+from flare_utils.study import report  # noqa: E402
+from flare_utils.evaluation.efficiency import EfficiencyReport  # noqa: E402
 from flare_utils.errors import FlareInputError  # noqa: E402
-from flare_utils.labels import ORGANS  # noqa: E402
+from flare_utils.data.labels import ORGANS  # noqa: E402
 
 
 def per_case(dsc: dict[str, list[float]], nsd: dict[str, list[float]] | None = None,

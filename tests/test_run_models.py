@@ -6,7 +6,7 @@ import json
 import pytest
 
 from flare_utils.errors import FlareInputError
-from flare_utils.run_models import read_models, register_model, select_models, snapshot_model
+from flare_utils.study.models import read_models, register_model, select_models, snapshot_model
 
 
 def _results(tmp_path, folds=("0",)):

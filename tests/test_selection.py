@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from flare_utils.errors import FlareInputError
-from flare_utils.selection import (SCORES_CSV, SELECTION_FILE, SUMMARY_FILE, compare_labels, pair_term,
+from flare_utils.semisup.selection import (SCORES_CSV, SELECTION_FILE, SUMMARY_FILE, compare_labels, pair_term,
                                    select_cases, select_pseudo_labels, selection_quality, stability_score,
                                    stability_scores)
 
@@ -206,7 +206,7 @@ def test_exclude_empty_and_rule_errors(rounds):
 
 
 def test_select_pseudo_labels_writes_trainer_selection_and_scores(rounds, tmp_path):
-    from flare_utils.training.pseudo import read_selection_file
+    from flare_utils.semisup.selection_file import read_selection_file
     images = tmp_path / "images"
     out = tmp_path / "selection"
     res = select_pseudo_labels(rounds, images, out, threshold=0.2)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from flare_utils.sliding_window import (WindowGrid, argmax0, centred_positions, foreground_count, make_grid,
+from flare_utils.inference.sliding_window import (WindowGrid, argmax0, centred_positions, foreground_count, make_grid,
                                         nnunet_steps,
                                         nnunet_window_count, paper_eq2_count, run_sliding_window)
 

@@ -27,7 +27,7 @@ TINY = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny dataset (5 cases), planned and preprocessed with the efficient_demo plans."""
-    from flare_utils.plans import plan_and_preprocess
+    from flare_utils.planning.plans import plan_and_preprocess
     from flare_utils.training.api import point_nnunet_at
     root = tmp_path_factory.mktemp("training_run")
     with preserved_environ((*NNUNET_VARS, ENV_VAR)):
@@ -197,7 +197,7 @@ def test_freezing_keeps_weights_bit_identical(tmp_path):
     with weight decay; the other weights change."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from flare_utils.plans import make_plan_variant, skeleton_base_plans
+    from flare_utils.planning.plans import make_plan_variant, skeleton_base_plans
     from flare_utils.training import freeze_encoder_stages
     pm = PlansManager(make_plan_variant(skeleton_base_plans(), "efficient_demo"))
     cm = pm.get_configuration("3d_fullres")

@@ -1,4 +1,4 @@
-"""Pseudo-label aware training (flare_utils.training.pseudo / noisy_student) on a tiny phantom dataset."""
+"""Pseudo-label aware training (flare_utils.training.with_pseudo_labels / noisy_student) on a tiny phantom dataset."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from flare_utils.errors import FlareInputError
-from flare_utils.training import pseudo as P
+from flare_utils.semisup import selection_file as S
+from flare_utils.training import with_pseudo_labels as P
 from tiny_data import DATASET, UNLABELLED, build_tiny  # noqa: E402
 
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "FLARE_TRAINING_CONFIG")
@@ -39,7 +40,7 @@ def run(tmp_path_factory):
     from flare_utils.training.api import point_nnunet_at
     point_nnunet_at(root)
     raw = root / "nnUNet_raw" / f"Dataset{DATASET}_PseudoTiny"
-    sel = P.write_selection_file(root / "selection.json", UNLABELLED, root / "cohort" / "SyntheticTruth" /
+    sel = S.write_selection_file(root / "selection.json", UNLABELLED, root / "cohort" / "SyntheticTruth" /
                                  "unlabelled_labels", raw / "imagesUnlabelled", meta={"round": 1})
     yield {"root": root, "raw": raw, "pre": root / "nnUNet_preprocessed" / f"Dataset{DATASET}_PseudoTiny",
            "selection": sel}
@@ -85,45 +86,45 @@ def test_secondary_count_rounding_rule():
 # ------------------------------------------------------------------------------ selection file
 
 def test_selection_file_roundtrip(run):
-    sel = P.read_selection_file(run["selection"])
+    sel = S.read_selection_file(run["selection"])
     assert sel.cases == tuple(UNLABELLED) and sel.meta == {"round": 1}
     assert sel.image_files("Case_00002")[0].name == "Case_00002_0000.nii.gz"
     assert sel.label_file("Case_00002").is_file()
     d = json.loads(Path(run["selection"]).read_text())
-    assert d["format"] == P.SELECTION_FORMAT and Path(d["images_folder"]).is_absolute()
+    assert d["format"] == S.SELECTION_FORMAT and Path(d["images_folder"]).is_absolute()
 
 
 def test_selection_file_validation_names_the_culprits(run, tmp_path):
     labels = run["root"] / "cohort" / "SyntheticTruth" / "unlabelled_labels"
     images = run["raw"] / "imagesUnlabelled"
     with pytest.raises(FlareInputError, match=r"unknown case id\(s\) \['Case_09999', 'nope'\]"):
-        P.write_selection_file(tmp_path / "s.json", ["Case_00001", "Case_09999", "nope"], labels, images)
+        S.write_selection_file(tmp_path / "s.json", ["Case_00001", "Case_09999", "nope"], labels, images)
     partial = tmp_path / "labels"
     partial.mkdir()
     shutil.copy(labels / "Case_00001.nii.gz", partial)
     with pytest.raises(FlareInputError, match=r"missing pseudo label file\(s\).*\['Case_00002', 'Case_00003'\]"):
-        P.write_selection_file(tmp_path / "s.json", UNLABELLED, partial, images)
+        S.write_selection_file(tmp_path / "s.json", UNLABELLED, partial, images)
     # a hand-written file (relative folders) is validated when read
     f = tmp_path / "hand.json"
     f.write_text(json.dumps({"cases": ["Case_00003", "Case_00042"], "images_folder": os.path.relpath(images, tmp_path),
                              "labels_folder": "labels"}))
     with pytest.raises(FlareInputError, match="Case_00042") as e:
-        P.read_selection_file(f)
+        S.read_selection_file(f)
     assert e.value.path == f
     f.write_text(json.dumps({"cases": ["Case_00001", "Case_00003"], "images_folder": os.path.relpath(images, tmp_path),
                              "labels_folder": "labels"}))
     with pytest.raises(FlareInputError, match=r"missing pseudo label.*\['Case_00003'\]"):
-        P.read_selection_file(f)
-    assert P.read_selection_file(f, require_labels=False).cases == ("Case_00001", "Case_00003")
+        S.read_selection_file(f)
+    assert S.read_selection_file(f, require_labels=False).cases == ("Case_00001", "Case_00003")
     with pytest.raises(FlareInputError, match="labelled training cases"):
-        P.read_selection_file(f, check_files=False, labelled_cases=["Case_00003"])
+        S.read_selection_file(f, check_files=False, labelled_cases=["Case_00003"])
     for bad, msg in (({"cases": ["a", "a"], "images_folder": "x"}, "twice"),
                      ({"cases": [], "images_folder": "x"}, "no case"),
                      ({"cases": ["a"]}, "images_folder"),
                      ({"cases": ["a"], "images_folder": "x", "colour": 1}, "unknown key")):
         f.write_text(json.dumps(bad))
         with pytest.raises(FlareInputError, match=msg):
-            P.read_selection_file(f)
+            S.read_selection_file(f)
 
 
 # ------------------------------------------------------------------------------ preprocessing
@@ -143,7 +144,7 @@ def test_pseudo_cases_preprocessed_by_nnunet_and_cached(run):
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     plans, dj = _plans_and_dj(run)
     case = "FLARE22_Tr_0002"
-    sel = P.PseudoSelection((case,), run["raw"] / "imagesTr", run["raw"] / "labelsTr")
+    sel = S.PseudoSelection((case,), run["raw"] / "imagesTr", run["raw"] / "labelsTr")
     ours = P.preprocess_selection(sel, plans, "3d_fullres", dj, run["root"] / "scratch_pre")
     a = nnUNetDatasetBlosc2(str(ours), [case]).load_case(case)
     b = nnUNetDatasetBlosc2(str(run["pre"] / "nnUNetPlans_pseudotest_3d_fullres"), [case]).load_case(case)
@@ -153,7 +154,7 @@ def test_pseudo_cases_preprocessed_by_nnunet_and_cached(run):
     assert set(a[3]["class_locations"]) == set(b[3]["class_locations"])
 
     # rewritten pseudo labels (new modification time) get a new cache key
-    sel2 = P.read_selection_file(run["selection"])
+    sel2 = S.read_selection_file(run["selection"])
     key = P._cache_key(sel2, plans, plans["configurations"]["3d_fullres"], dj, True)
     assert key == folder.name
     lf = sel2.label_file("Case_00002")

@@ -12,12 +12,12 @@ UNLABELLED = ["Case_00001", "Case_00002", "Case_00003"]
 
 def preserved_environ(keys=NNUNET_VARS):
     """Restore these environment variables afterwards (nnU-Net's folders are process-wide)."""
-    from flare_utils.paths import environment
+    from flare_utils.layout import environment
     return environment(**{k: os.environ.get(k) for k in keys})
 
 
 def tiny_variant():
-    from flare_utils.plans import PlanVariant
+    from flare_utils.planning.plans import PlanVariant
     return PlanVariant("pseudotest", "unit-test scale", base_features=4, max_features=32, n_conv_per_stage=1,
                        n_downsamplings=2, patch_size_zyx=(16, 32, 32), spacing_zyx=(8.0, 8.0, 8.0), batch_size=2)
 
@@ -30,9 +30,9 @@ def build_tiny(base: Path, dataset: int = DATASET) -> Path:
         return root
     if root.exists():
         shutil.rmtree(root)
-    from flare_utils.convert import convert_flare22
-    from flare_utils.phantom import write_cohort
-    from flare_utils.plans import plan_and_preprocess
+    from flare_utils.data.convert import convert_flare22
+    from flare_utils.synthetic.phantom import write_cohort
+    from flare_utils.planning.plans import plan_and_preprocess
     from flare_utils.training.api import point_nnunet_at
     point_nnunet_at(root)
     write_cohort(root / "cohort", 5, 3, 1, preset="tiny", fov_mix="abdomen")

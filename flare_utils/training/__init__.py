@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import importlib
 
-from .config import ENV_VAR, TrainingConfig
-from .splits import SplitSpec, known_case_ids, make_splits, read_splits, write_splits
+from flare_utils.training.config import ENV_VAR, TrainingConfig
+from flare_utils.training.splits import SplitSpec, known_case_ids, make_splits, read_splits, write_splits
 
 _LAZY = {
     "FlareTrainer": ".base", "resolve_device": ".base", "seed_everything": ".base",

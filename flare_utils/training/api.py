@@ -11,7 +11,7 @@ name, `run_training`, `perform_actual_validation`), so its result is exactly wha
                flare_training_config.json  validation/summary.json (with final validation)
 
 Training runs in the calling process (one at a time); the nnU-Net folders are the ones in the
-environment, or `run_dir`'s (flare_utils.paths.use_nnunet_folders).
+environment, or `run_dir`'s (flare_utils.layout.use_nnunet_folders).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..errors import FlareInputError
-from ..paths import environment
-from .config import CONFIG_FILE_NAME, ENV_VAR, TrainingConfig
+from flare_utils.errors import FlareInputError
+from flare_utils.layout import environment
+from flare_utils.training.config import CONFIG_FILE_NAME, ENV_VAR, TrainingConfig
 
 CONFIGURATION = "3d_fullres"
 
@@ -41,7 +41,7 @@ def point_nnunet_at(run_dir: str | Path | None) -> None:
     updated in place, which only reaches modules imported afterwards.)
     """
     if run_dir is not None:
-        from ..paths import use_nnunet_folders
+        from flare_utils.layout import use_nnunet_folders
         use_nnunet_folders(run_dir)
     for k in _NNUNET_VARS:
         if not os.environ.get(k):
@@ -64,7 +64,7 @@ _set_run_dir = point_nnunet_at
 def results_folder(dataset: int | str, plans_identifier: str, trainer: str = "FlareTeacherTrainer",
                    configuration: str = CONFIGURATION) -> Path:
     """`<nnUNet_results>/<dataset>/<trainer>__<plans>__<configuration>` (nnU-Net's naming)."""
-    from ..plans import _dataset_name
+    from flare_utils.planning.plans import _dataset_name
     root = os.environ.get("nnUNet_results")
     if not root:
         raise FlareInputError(None, "nnUNet_results is not set")
@@ -99,8 +99,8 @@ def train(dataset_id: int | str, plans_identifier: str, fold: int | str = 0,
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
-    from .base import resolve_device
-    from .registry import find_trainer
+    from flare_utils.training.base import resolve_device
+    from flare_utils.training.registry import find_trainer
 
     _set_run_dir(run_dir)
     trainer_cls = find_trainer(trainer)
@@ -156,7 +156,7 @@ def _labels(results_or_fold: Path) -> dict[int, str]:
         if f.is_file():
             labels = json.loads(f.read_text())["labels"]
             return {int(v): k for k, v in labels.items() if isinstance(v, int) and v > 0}
-    from ..labels import LABELS
+    from flare_utils.data.labels import LABELS
     return {k: o.name for k, o in LABELS.items()}
 
 

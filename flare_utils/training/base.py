@@ -67,10 +67,10 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-from ..progress import report as report_progress
-from ..errors import FlareInputError
-from .config import CONFIG_FILE_NAME, TrainingConfig
-from .transfer import freeze_encoder_stages, load_transfer_weights, unwrap
+from flare_utils.utilities.progress import report as report_progress
+from flare_utils.errors import FlareInputError
+from flare_utils.training.config import CONFIG_FILE_NAME, TrainingConfig
+from flare_utils.training.transfer import freeze_encoder_stages, load_transfer_weights, unwrap
 
 __all__ = ["FlareTrainer", "resolve_device", "seed_everything"]
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import FlareInputError
-from ..params import _coerce
+from flare_utils.errors import FlareInputError
+from flare_utils.study.params import _coerce
 
 ENV_VAR = "FLARE_TRAINING_CONFIG"
 CONFIG_FILE_NAME = "flare_training_config.json"

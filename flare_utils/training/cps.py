@@ -18,7 +18,7 @@
   pseudo-label selection format; its label maps are NOT read, only the case ids and images). They
   are preprocessed with nnU-Net's preprocessor of the plan without labels, cached in
   `<nnUNet_preprocessed>/<Dataset>/<data_identifier>_unlabelled/<key>/` (see
-  `flare_utils.training.pseudo`). Validation uses labelled cases only (nnU-Net's split).
+  `flare_utils.training.with_pseudo_labels`). Validation uses labelled cases only (nnU-Net's split).
 * loss per step:
       L = sup(A) + sup(B) + lambda(epoch) * [ l(A_full, argmax B_full) + l(B_full, argmax A_full) ]
   sup: nnU-Net's loss on the labelled patches (Dice+CE by default, deep supervision as nnU-Net:
@@ -48,19 +48,17 @@ import torch
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from ..errors import FlareInputError
-from .base import FlareTrainer
-from .config import TrainingConfig
-from .pseudo import (
+from flare_utils.errors import FlareInputError
+from flare_utils.semisup.selection_file import PseudoSelection, read_selection_file, unlabelled_selection
+from flare_utils.training.base import FlareTrainer
+from flare_utils.training.config import TrainingConfig
+from flare_utils.training.with_pseudo_labels import (
     CombinedDataset,
     MixedBatchDataLoader,
-    PseudoSelection,
     _BatchSizeMixin,
     preprocess_selection,
-    read_selection_file,
-    unlabelled_selection,
 )
-from .transfer import freeze_encoder_stages, load_transfer_weights, unwrap
+from flare_utils.training.transfer import freeze_encoder_stages, load_transfer_weights, unwrap
 
 __all__ = ["CPSConfig", "FlareCPSTrainer", "cps_lambda", "netb_checkpoint_path"]
 

@@ -3,7 +3,7 @@
 Trainers (nnU-Net v2 trainer classes):
 
 * `FlareNoisyStudentTrainer` - a `FlarePseudoLabelTrainer` (labelled + selected pseudo-labelled
-  cases, see `flare_utils.training.pseudo`) with `pseudo_share` 0.75 by default (labelled:pseudo
+  cases, see `flare_utils.training.with_pseudo_labels`) with `pseudo_share` 0.75 by default (labelled:pseudo
   = 1:3 in every minibatch; needs a batch size that is a multiple of 4 to hold exactly, e.g.
   `batch_size: 4` - see the rounding rule in `pseudo`) and the stronger augmentation below.
 * `FlareFineTuneTrainer` - the second stage: labelled cases only, initialised from the student's
@@ -77,10 +77,10 @@ from nnunetv2.training.data_augmentation.compute_initial_patch_size import (
     get_patch_size,
 )
 
-from ..errors import FlareInputError
-from .base import FlareTrainer
-from .config import TrainingConfig
-from .pseudo import FlarePseudoLabelTrainer, PseudoLabelConfig, _BatchSizeMixin
+from flare_utils.errors import FlareInputError
+from flare_utils.training.base import FlareTrainer
+from flare_utils.training.config import TrainingConfig
+from flare_utils.training.with_pseudo_labels import FlarePseudoLabelTrainer, PseudoLabelConfig, _BatchSizeMixin
 
 __all__ = [
     "STRONG_AUGMENTATION",
@@ -277,7 +277,7 @@ def train_noisy_student(dataset_id: int | str, plans_identifier: str, folds: Ite
     """Both noisy-student stages fold by fold: the student on labelled + pseudo-labelled data, then
     (when `finetune_config` is given) the fine-tune on labelled data from the student's final
     checkpoint of the same fold. Returns {"student": results folder, "finetune": results folder or None}."""
-    from .api import train
+    from flare_utils.training.api import train
     cfg = config if isinstance(config, NoisyStudentConfig) else \
         NoisyStudentConfig.from_dict(dict(config or {}) if not isinstance(config, TrainingConfig) else config.to_dict())
     ft = None

@@ -20,11 +20,11 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import FlareInputError
+from flare_utils.errors import FlareInputError
 
 SHIM_MODULE = "nnUNetTrainer_flare_utils"
 # Modules whose exported nnUNetTrainer subclasses nnU-Net can find by name (extension point).
-TRAINER_MODULES: list[str] = ["flare_utils.training.trainers", "flare_utils.training.pseudo",
+TRAINER_MODULES: list[str] = ["flare_utils.training.trainers", "flare_utils.training.with_pseudo_labels",
                               "flare_utils.training.noisy_student", "flare_utils.training.cps"]
 
 _SHIM_SOURCE = '''"""Written by flare_utils.training.register_with_nnunet(); do not edit.

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..errors import FlareInputError
+from flare_utils.errors import FlareInputError
 
 SPLITS_FILE = "splits_final.json"
 
@@ -54,12 +54,12 @@ class SplitSpec:
 
 
 def _dataset_dirs(dataset: int | str) -> tuple[Path, Path]:
-    from ..plans import _dataset_name
+    from flare_utils.planning.plans import _dataset_name
     name = _dataset_name(dataset)
     pre = os.environ.get("nnUNet_preprocessed")
     raw = os.environ.get("nnUNet_raw")
     if not pre:
-        raise FlareInputError(None, "nnUNet_preprocessed is not set (call flare_utils.paths.use_nnunet_folders)")
+        raise FlareInputError(None, "nnUNet_preprocessed is not set (call flare_utils.layout.use_nnunet_folders)")
     return Path(pre) / name, Path(raw) / name if raw else Path("/nonexistent")
 
 

@@ -15,7 +15,7 @@ nnU-Net finds them by class name once `flare_utils.training.register_with_nnunet
 """
 from __future__ import annotations
 
-from .base import FlareTrainer
+from flare_utils.training.base import FlareTrainer
 
 __all__ = ["FlareTrainer", "FlareTeacherTrainer", "FlareStudentTrainer"]
 

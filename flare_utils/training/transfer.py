@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..errors import FlareInputError
+from flare_utils.errors import FlareInputError
 
 _PREFIXES = ("module.", "_orig_mod.")
 

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import FlareInputError
-from .io import atomic_directory, atomic_write_text
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import atomic_directory, atomic_write_text
 
 MODELS_FILE = "models.json"
 MODELS_DIR = "models"
@@ -35,7 +35,7 @@ def snapshot_model(results: str | Path, dest: str | Path, folds: Iterable[int | 
                    marker: tuple[str, Mapping[str, Any]] | None = None) -> Path:
     """Copy an nnU-Net results folder's model (plans, dataset.json, each fold's final checkpoint,
     config and logs) into `dest`, atomically; `dest` is then a results folder of its own that
-    `nnUNetv2_predict_from_modelfolder` and flare_utils.inference load. `marker`: (file name,
+    `nnUNetv2_predict_from_modelfolder` and flare_utils.inference.predictor load. `marker`: (file name,
     JSON content) written beside the model."""
     results, dest = Path(results), Path(dest)
     folds = [str(f) for f in folds]

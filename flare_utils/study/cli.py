@@ -6,11 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import FlareInputError
+from flare_utils.errors import FlareInputError
 
 
 def _cmd_phantom(a: argparse.Namespace) -> int:
-    from .phantom import write_cohort
+    from flare_utils.synthetic.phantom import write_cohort
     info = write_cohort(a.out, a.labelled, a.unlabelled, a.validation, seed=a.seed, preset=a.preset,
                         processes=a.processes, overwrite=a.overwrite)
     print(f"synthetic cohort in {a.out}: {info}")
@@ -18,7 +18,7 @@ def _cmd_phantom(a: argparse.Namespace) -> int:
 
 
 def _cmd_convert_flare22(a: argparse.Namespace) -> int:
-    from .convert import convert_flare22, dataset_summary, write_summary
+    from flare_utils.data.convert import convert_flare22, dataset_summary, write_summary
     res = convert_flare22(a.root, a.raw_root, a.id, a.name, overwrite=a.overwrite, link=a.link,
                           processes=a.processes)
     print(f"nnU-Net dataset written: {res}")
@@ -28,7 +28,7 @@ def _cmd_convert_flare22(a: argparse.Namespace) -> int:
 
 
 def _cmd_convert_masks(a: argparse.Namespace) -> int:
-    from .multimask import convert_mask_folder
+    from flare_utils.data.multimask import convert_mask_folder
     raters = int(a.raters) if a.raters.isdigit() else a.raters
     report = convert_mask_folder(a.mask_dir, a.out, overlap=a.overlap, raters=raters,
                                  threshold=a.threshold)
@@ -37,13 +37,13 @@ def _cmd_convert_masks(a: argparse.Namespace) -> int:
 
 
 def _cmd_convert_dicom(a: argparse.Namespace) -> int:
-    from .dicom import dicom_series_to_nifti
+    from flare_utils.data.dicom import dicom_series_to_nifti
     print(dicom_series_to_nifti(a.series_dir, a.out, series_uid=a.series_uid))
     return 0
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from .pipeline import StageFailed, main_progress_stream, run_study
+    from flare_utils.study.runner import StageFailed, main_progress_stream, run_study
     try:
         results = run_study(a.params, run_dir=a.run_dir, start_from=a.start_from, only=a.only,
                             progress_stream=main_progress_stream(), command=" ".join(["flare-study", *sys.argv[1:]]))
@@ -56,7 +56,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def _cmd_status(a: argparse.Namespace) -> int:
-    from .pipeline import study_status
+    from flare_utils.study.runner import study_status
     rows = study_status(a.params, run_dir=a.run_dir)
     for unit, done, why in rows:
         print(f"  {'complete' if done else 'to run':>8}  {unit:<24} {why}")
@@ -64,7 +64,7 @@ def _cmd_status(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluation import evaluate_folders
+    from flare_utils.evaluation.evaluate import evaluate_folders
     res = evaluate_folders(a.pred_dir, a.gt_dir, a.out, revision=a.revision, hd95=a.hd95,
                            processes=a.processes)
     s = res.summary
@@ -74,7 +74,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from .inference import run_predict
+    from flare_utils.inference.predictor import run_predict
     return run_predict(a.model_dir, a.input, a.output, folds=a.folds, mode=a.mode, tta=a.tta, device=a.device,
                        spacing=a.spacing, centre_threshold=a.centre_threshold,
                        inplane_step=a.inplane_step, overwrite=a.overwrite,

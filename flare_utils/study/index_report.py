@@ -29,12 +29,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .io import atomic_write_text
-from .labels import ORGANS
-from .params import STUDENT_VARIANTS
-from .selection import SUMMARY_FILE as SELECTION_SUMMARY
-from .report import PER_CASE_CSV, slug
-from .run_models import CANONICAL_ORDER as CANONICAL_MODELS
+from flare_utils.data.io import atomic_write_text
+from flare_utils.data.labels import ORGANS
+from flare_utils.study.params import STUDENT_VARIANTS
+from flare_utils.semisup.selection import SUMMARY_FILE as SELECTION_SUMMARY
+from flare_utils.study.report import PER_CASE_CSV, slug
+from flare_utils.study.models import CANONICAL_ORDER as CANONICAL_MODELS
 
 __all__ = ["CANONICAL_MODELS", "COMPARISON_PAIRS", "INDEX_NAME", "StageUnit", "build_index_html",
            "comparison_findings", "comparison_table", "read_stages", "write_index"]
@@ -204,7 +204,7 @@ def comparison_table(run_dir: str | Path) -> pd.DataFrame:
 
     Index: model name. Columns: title, training data, cases, DSC mean, DSC std, NSD mean, NSD std.
     Mean and std are over the held-out cases of each case's organ-averaged score (population std,
-    ddof=0, as flare_utils.evaluation), from evaluation/<folder>/metrics_per_case.csv. Without that
+    ddof=0, as flare_utils.evaluation.evaluate), from evaluation/<folder>/metrics_per_case.csv. Without that
     file the mean comes from overview.csv (or the folder's summary.json) and the std is NaN. A model
     of models.json that was not evaluated has 0 cases and NaN scores.
     """

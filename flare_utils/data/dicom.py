@@ -50,8 +50,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .errors import FlareInputError
-from .io import save_nifti
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import save_nifti
 
 __all__ = ["read_dicom_series", "dicom_series_to_nifti", "list_dicom_series", "DicomSeries",
            "SLICE_GAP_ATOL_MM", "SLICE_GAP_RTOL", "ORIENTATION_ATOL"]

@@ -25,7 +25,7 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
-from .errors import FlareInputError
+from flare_utils.errors import FlareInputError
 
 try:                                   # ISA-L gzip: same format, several times faster than zlib
     from isal import igzip as _igzip

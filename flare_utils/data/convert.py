@@ -29,7 +29,7 @@ Rules:
   folder or across the labelled, validation and unlabelled sets, is an error.
 * Every labelled image needs a label and every label an image (also in the validation set when it
   has a labels folder). Image and label must have the same shape, spacing, origin and direction
-  (tolerances of `flare_utils.io.Geometry.mismatch`). Labels must be integer-valued with values in
+  (tolerances of `flare_utils.data.io.Geometry.mismatch`). Labels must be integer-valued with values in
   0..13; they are always rewritten as uint8 with the image's header geometry (qform and sform).
 * Images are copied byte for byte, hard-linked or symlinked (`link`); an image that is not a 3D
   `.nii.gz` file (`.nii`, or 4D with a singleton 4th axis) is re-encoded instead. A hard link that
@@ -59,10 +59,10 @@ from typing import Any, Callable, Iterable, Sequence
 import nibabel as nib
 import numpy as np
 
-from . import __version__
-from . import labels as _labels
-from .errors import FlareInputError
-from .io import (
+from flare_utils import __version__
+from flare_utils.data import labels as _labels
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import (
     Geometry,
     atomic_directory,
     atomic_write_text,
@@ -70,7 +70,7 @@ from .io import (
     read_label_map,
     save_nifti_like,
 )
-from .parallel import map_processes
+from flare_utils.utilities.parallel import map_processes
 
 __all__ = [
     "Flare22Layout", "ConvertResult", "convert_flare22", "dataset_summary", "write_summary",
@@ -494,7 +494,7 @@ def convert_flare22(layout_or_root: Flare22Layout | str | Path, raw_root: str | 
         if manifest and manifest.get("inputs_fingerprint") == fingerprint and _is_complete(target, manifest):
             return ConvertResult(target, _read_json(target / "dataset.json") or {}, manifest, reused=True)
         if not manifest:
-            why = "is not a dataset made by flare_utils.convert"
+            why = "is not a dataset made by flare_utils.data.convert"
         elif manifest.get("inputs_fingerprint") == fingerprint:
             why = "is incomplete (files listed in its manifest.json are missing)"
         else:
@@ -519,7 +519,7 @@ def convert_flare22(layout_or_root: Flare22Layout | str | Path, raw_root: str | 
             dataset_json = {
                 "name": dataset_name,
                 "description": ("FLARE22 abdominal organ CT segmentation (13 organs), converted by "
-                                "flare_utils.convert. imagesTs holds the validation/tuning cases "
+                                "flare_utils.data.convert. imagesTs holds the validation/tuning cases "
                                 "(labelsTs their labels when given); imagesUnlabelled holds the unlabelled "
                                 "cases for pseudo labelling and is not read by nnU-Net itself."),
                 "reference": "https://flare22.grand-challenge.org/",
@@ -562,7 +562,7 @@ def verify_with_nnunet(dataset_dir: str | Path, processes: int = 1) -> None:
 
     Raises FlareInputError naming the folder when the check fails (nnU-Net prints the details).
     nnU-Net reads nnUNet_raw/_preprocessed/_results when first imported: set them beforehand
-    (e.g. `flare_utils.paths`) to avoid its warning; the check itself only uses `dataset_dir`.
+    (e.g. `flare_utils.layout`) to avoid its warning; the check itself only uses `dataset_dir`.
     """
     from nnunetv2.experiment_planning.verify_dataset_integrity import (
         verify_dataset_integrity,

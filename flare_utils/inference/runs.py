@@ -4,7 +4,7 @@ The comparison of a study (teacher vs students, with and without pseudo labels) 
 model's predictions on the same cases, with the same predictor settings, and their efficiency
 side by side. `predict_models` runs `EfficientPredictor.predict_folder` per model (resumable: cases
 already written are skipped), collects each case's efficiency figures into one timing file per
-model (the format `flare_utils.report.efficiency_table` reads) and writes an overview.
+model (the format `flare_utils.study.report.efficiency_table` reads) and writes an overview.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from .errors import FlareInputError
-from .io import atomic_write_text
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import atomic_write_text
 
 CASES_EFFICIENCY = "cases_efficiency.json"
 SUMMARY_JSON = "summary.json"
@@ -24,7 +24,7 @@ SUMMARY_CSV = "summary.csv"
 
 def _timing_file(out_dir: Path, case_ids) -> Path | None:
     """One EfficiencyReport per predicted case (monitor figures), under "cases"."""
-    from .inference import EFFICIENCY_DIR
+    from flare_utils.inference.predictor import EFFICIENCY_DIR
     eff = out_dir / EFFICIENCY_DIR
     cases = []
     for c in case_ids:
@@ -47,7 +47,7 @@ def predict_models(models: Mapping[str, Mapping[str, Any]], input_dir: str | Pat
     `outputs[name]`. Returns (one overview row per model, {name: per-case table}); with
     `summary_dir` the overview is also written there (summary.csv, summary.json with each model's
     output folder and timing file, which the evaluation stage reads)."""
-    from .inference import EfficientPredictor
+    from flare_utils.inference.predictor import EfficientPredictor
     if not models:
         raise FlareInputError(None, "no model to predict with")
     missing = [n for n in models if n not in outputs]

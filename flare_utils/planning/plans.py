@@ -45,7 +45,7 @@ for FLARE22 CT, so that `count_parameters(make_plan_variant(skeleton_base_plans(
 works (84.9M parameters; `efficient`: 5.6M; the papers report 82M and 5.4M).
 
 nnunetv2 is imported lazily: nnU-Net reads nnUNet_raw/_preprocessed/_results when its modules are
-used, so point them at a run first (`flare_utils.paths.use_nnunet_folders`).
+used, so point them at a run first (`flare_utils.layout.use_nnunet_folders`).
 """
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import FlareInputError
-from .labels import dataset_json_labels
-from .paths import environment
+from flare_utils.errors import FlareInputError
+from flare_utils.data.labels import dataset_json_labels
+from flare_utils.layout import environment
 
 __all__ = [
     "PlanVariant", "PLAN_VARIANTS", "DEFAULT_PLANS_IDENTIFIER", "CONFIGURATION",
@@ -386,7 +386,7 @@ def skeleton_base_plans(spacing_zyx: Sequence[float] = (2.5, 0.8, 0.8),
         "transpose_forward": [0, 1, 2],
         "transpose_backward": [0, 1, 2],
         "configurations": {CONFIGURATION: cfg},
-        "experiment_planner_used": "flare_utils.plans.skeleton_base_plans",
+        "experiment_planner_used": "flare_utils.planning.plans.skeleton_base_plans",
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {"0": {
             "max": 3071.0, "mean": 100.0, "median": 100.0, "min": -1024.0,
@@ -442,7 +442,7 @@ def count_parameters(plans: str | Path | Mapping[str, Any], dataset_json: Mappin
     if trainer is None:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as trainer_cls
     elif isinstance(trainer, str):
-        from .training.registry import find_trainer
+        from flare_utils.training.registry import find_trainer
         trainer_cls = find_trainer(trainer)
     else:
         trainer_cls = trainer
@@ -510,7 +510,7 @@ def _dataset_name(dataset: int | str) -> str:
 def _preprocessed_dir(dataset: int | str) -> Path:
     root = os.environ.get("nnUNet_preprocessed")
     if not root:
-        raise FlareInputError(None, "nnUNet_preprocessed is not set (call flare_utils.paths.use_nnunet_folders)")
+        raise FlareInputError(None, "nnUNet_preprocessed is not set (call flare_utils.layout.use_nnunet_folders)")
     return Path(root) / _dataset_name(dataset)
 
 
@@ -581,7 +581,7 @@ def plan_and_preprocess(dataset_id: int | str, variants: Iterable[str | PlanVari
     Planning and preprocessing use spawned worker processes: call it under
     `if __name__ == "__main__":` in scripts (notebooks need nothing).
     """
-    from .training.api import point_nnunet_at
+    from flare_utils.training.api import point_nnunet_at
     point_nnunet_at(run_dir)
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .paths import PROJECT_ROOT
+from flare_utils.layout import PROJECT_ROOT
 
 PACKAGES = ("flare-utils", "torch", "nnunetv2", "dynamic-network-architectures", "numpy", "nibabel",
             "SimpleITK", "papermill", "matplotlib", "pandas", "scipy", "batchgeneratorsv2", "edt")
@@ -86,7 +86,7 @@ def collect(params: Any, command: str | None = None) -> dict[str, Any]:
 
 def write(run_dir: str | Path, params: Any, command: str | None = None) -> Path:
     """Write `<run_dir>/provenance.json`; an earlier one moves to `logs/provenance-<time>.json`."""
-    from .io import atomic_write_text
+    from flare_utils.data.io import atomic_write_text
     run_dir = Path(run_dir)
     target = run_dir / "provenance.json"
     if target.is_file():

@@ -53,9 +53,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from . import labels as _labels
-from .errors import FlareInputError
-from .io import Geometry, read_array, save_nifti_like
+from flare_utils.data import labels as _labels
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import Geometry, read_array, save_nifti_like
 
 __all__ = ["masks_to_label_map", "convert_mask_folder", "MultiMaskReport", "RATER_PATTERN",
            "OVERLAP_RULES", "RATER_RULES", "parse_structure_name"]

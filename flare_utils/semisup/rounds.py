@@ -4,7 +4,7 @@ Round 1: the teacher ensemble (the trained folds of an nnU-Net results folder) p
 unlabelled case in the paper's *accurate* setting - nnU-Net's full sliding window (step 0.5,
 Gaussian), softmax averaged over the folds (and over nnU-Net's mirroring when `tta=True`), argmax,
 hard labels written as uint8 NIfTI in the case's original geometry. The predictor is the project's
-`flare_utils.inference.EfficientPredictor` in `mode="full"` (an nnU-Net `nnUNetPredictor`).
+`flare_utils.inference.predictor.EfficientPredictor` in `mode="full"` (an nnU-Net `nnUNetPredictor`).
 
 Rounds 2..K: a big model is retrained on the labelled cases + ALL pseudo-labelled cases of the
 previous round (`FlarePseudoLabelTrainer` through `flare_utils.training.train`, with a selection
@@ -27,7 +27,7 @@ Layout (nothing is ever overwritten; every round keeps its labels)::
 
 Resuming. A round whose `round.json` lists the requested cases is skipped. Otherwise its cases
 whose `<case>.nii.gz` exists are kept and only the others are predicted: label files are written
-atomically (temporary sibling + rename, `flare_utils.io`), so an existing file is always a
+atomically (temporary sibling + rename, `flare_utils.data.io`), so an existing file is always a
 finished one; stale temporaries of a killed run are deleted. A retrained model is reused when its
 marker exists (training is not resumed mid-way: an interrupted training restarts). A round folder
 made with another model/folds/tta is a FlareInputError (use a new run_dir or delete the folder).
@@ -56,11 +56,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .progress import report as report_progress
-from .errors import FlareInputError
-from .io import atomic_write_text, case_id_from_path, read_label_map
-from .labels import LABELS
-from .run_models import snapshot_model
+from flare_utils.utilities.progress import report as report_progress
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import atomic_write_text, case_id_from_path, read_label_map
+from flare_utils.data.labels import LABELS
+from flare_utils.study.models import snapshot_model
 
 __all__ = ["PSEUDO_DIR", "PSEUDO_TRAINER", "RoundInfo", "round_dir", "unlabelled_images", "completed_rounds",
            "read_round", "round_request", "predict_round", "retrain_round", "run_rounds", "round_cases",
@@ -78,7 +78,7 @@ SELECTION_FILE = "training_selection.json"
 MODEL_DIR = "model"
 MODEL_MARKER = "flare_round_model.json"
 MANIFEST_FORMAT = "flare_utils.pseudo_round/1"
-_PSEUDO_TRAINER_MODULE = "flare_utils.training.pseudo"
+_PSEUDO_TRAINER_MODULE = "flare_utils.training.with_pseudo_labels"
 MIB = 1024.0 * 1024.0
 
 
@@ -188,7 +188,7 @@ def _ensure_pseudo_trainers_registered() -> None:
     """nnU-Net rebuilds a checkpoint's network through its trainer class, found by name: the
     pseudo-label trainers must be visible to that lookup (training.registry's extension point)."""
     try:
-        from .training import registry
+        from flare_utils.training import registry
         if _PSEUDO_TRAINER_MODULE not in registry.TRAINER_MODULES:
             registry.TRAINER_MODULES.append(_PSEUDO_TRAINER_MODULE)
         registry.register_with_nnunet()
@@ -200,7 +200,7 @@ def default_predictor_factory(model_dir: str | Path, folds, tta: bool, device: s
     """The project's predictor in nnU-Net's full sliding-window mode (the paper's accurate
     setting): folds' softmax averaged, optional mirroring TTA, argmax, original geometry."""
     _ensure_pseudo_trainers_registered()
-    from .inference import EfficientPredictor
+    from flare_utils.inference.predictor import EfficientPredictor
     return EfficientPredictor.from_results_folder(model_dir, folds=tuple(folds) if folds is not None else None,
                                                   mode="full", tta=bool(tta), device=device, monitor=False)
 
@@ -350,7 +350,7 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
     model_dir = Path(model_dir).resolve()
     images = unlabelled_images(unlabelled_dir, cases)
     ids = list(images)
-    from .inference import normalise_folds
+    from flare_utils.inference.predictor import normalise_folds
     folds_l = None if folds is None else list(normalise_folds(folds))
     if folds_l is None:
         if not model_dir.is_dir():
@@ -454,7 +454,7 @@ def _default_train_fn(dataset_id, plans_identifier, fold, trainer, config, run_d
     import matplotlib
 
     _ensure_pseudo_trainers_registered()
-    from .training.api import train
+    from flare_utils.training.api import train
     # nnU-Net's progress plot calls seaborn.set(font_scale=2.5), which changes matplotlib's global
     # style for every later figure of the calling process (notebook): keep it inside
     with matplotlib.rc_context():
@@ -490,9 +490,9 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
         say(f"round {k}: model already trained ({model_dir}), reused")
         return model_dir, marker
     folder.mkdir(parents=True, exist_ok=True)
-    from .selection import write_trainer_selection
+    from flare_utils.semisup.selection import write_trainer_selection
     selection = write_trainer_selection(folder / SELECTION_FILE, prev.cases, prev.folder, unlabelled_dir,
-                                        {"source": "flare_utils.pseudo", "round": int(k),
+                                        {"source": "flare_utils.semisup.rounds", "round": int(k),
                                          "pseudo_labels_of_round": int(k - 1), "rule": "all cases"})
     if training_config is None:
         cfg: dict[str, Any] = {}
@@ -508,7 +508,7 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
     fn = train_fn or _default_train_fn
     t0 = time.perf_counter()
     results = None
-    from .inference import normalise_folds
+    from flare_utils.inference.predictor import normalise_folds
     folds_l = list(normalise_folds(folds) or ("all",))
     for f in folds_l:
         say(f"round {k}: training {trainer} fold {f} on labelled + {len(prev.cases)} pseudo-labelled cases")
@@ -622,7 +622,7 @@ def _read_label_pair(path, reference, what: str):
 
 
 def _agreement_job(job: tuple) -> dict[str, Any]:
-    from .selection import compare_labels
+    from flare_utils.semisup.selection import compare_labels
     k, case, prev_path, cur_path = job
     cur, prev, _ = _read_label_pair(cur_path, prev_path, "")
     c = compare_labels(prev, cur)
@@ -636,7 +636,7 @@ def round_agreement(run_dir: str | Path, rounds: Iterable[int] | None = None, pr
     """Agreement of each round with the previous one, one row per (round k >= 2, case): changed
     voxels, their fraction of the volume, their ratio to round k's foreground (equation (1)'s
     term), and the Dice between the rounds per organ (`dsc_<organ>`; both empty = 1)."""
-    from .parallel import map_processes
+    from flare_utils.utilities.parallel import map_processes
     ks = _rounds_or_all(run_dir, rounds)
     jobs = []
     for a, b in zip(ks, ks[1:]):
@@ -649,7 +649,7 @@ def round_agreement(run_dir: str | Path, rounds: Iterable[int] | None = None, pr
 
 
 def _quality_job(job: tuple) -> dict[str, Any]:
-    from .metrics import evaluate_case
+    from flare_utils.evaluation.metrics import evaluate_case
     k, case, pred_path, truth_path = job
     pred, gt, gg = _read_label_pair(pred_path, truth_path, "the ground truth ")
     present = sorted((set(np.unique(gt).tolist()) | set(np.unique(pred).tolist())) & set(LABELS))
@@ -670,7 +670,7 @@ def pseudo_label_quality(run_dir: str | Path, truth_dir: str | Path, rounds: Ite
     (1 when the organ is absent from both; NaN where the official z-range cut of aorta/IVC/esophagus
     leaves nothing) and `mean_dsc`, the mean over the organs present in the truth or the pseudo label
     (NaNs skipped; NaN when both maps are empty). Cases without truth are left out."""
-    from .parallel import map_processes
+    from flare_utils.utilities.parallel import map_processes
     truth_dir = Path(truth_dir)
     if not truth_dir.is_dir():
         raise FlareInputError(truth_dir, "ground-truth folder not found")

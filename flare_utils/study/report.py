@@ -1,9 +1,9 @@
 """Tables and pictures for the study's reports. No metric is computed here.
 
 Everything reads what other stages wrote: per-case metric tables in the official FLARE22 CSV
-layout (``Name``, ``<flare_key>_DSC`` x 13, ``<flare_key>_NSD`` x 13, see flare_utils.evaluation),
-efficiency JSON files (flare_utils.efficiency.EfficiencyReport.to_dict), NIfTI images and label
-maps, and the conversion summary (flare_utils.convert.dataset_summary).
+layout (``Name``, ``<flare_key>_DSC`` x 13, ``<flare_key>_NSD`` x 13, see flare_utils.evaluation.evaluate),
+efficiency JSON files (flare_utils.evaluation.efficiency.EfficiencyReport.to_dict), NIfTI images and label
+maps, and the conversion summary (flare_utils.data.convert.dataset_summary).
 
 Figures are built with matplotlib's object API (``matplotlib.figure.Figure``), never through
 pyplot's global state, so nothing accumulates in long notebook sessions; a Figure that is the
@@ -30,11 +30,11 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .errors import FlareInputError
-from .io import atomic_write_text, case_id_from_path, load_nifti
-from .labels import LABELS, ORGANS
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import atomic_write_text, case_id_from_path, load_nifti
+from flare_utils.data.labels import LABELS, ORGANS
 
-NOT_MEASURED = "not measured"     # same text as flare_utils.efficiency.NOT_MEASURED
+NOT_MEASURED = "not measured"     # same text as flare_utils.evaluation.efficiency.NOT_MEASURED
 CT_WINDOW = (-160.0, 240.0)       # abdominal soft-tissue window (HU) for the slice pictures
 PER_CASE_CSV = "metrics_per_case.csv"
 METRICS = ("DSC", "NSD", "HD95")
@@ -166,7 +166,7 @@ def organ_table(per_case_frames: Mapping[str, pd.DataFrame], metric: str = "DSC"
     Rows are the organs by title (those present in any set, in label order), then "Mean".
     The "Mean" row's mean is the mean of the organ means (as summary.json's mean_dsc/mean_nsd);
     its std is the spread over cases of each case's organ-averaged score.
-    Statistics skip NaN; std uses ``ddof`` (0, population, as flare_utils.evaluation's summary).
+    Statistics skip NaN; std uses ``ddof`` (0, population, as flare_utils.evaluation.evaluate's summary).
 
     numeric=False: cells are strings "0.9712 ± 0.0123" ("n/a" where a set lacks the organ).
     numeric=True: float columns with a (set, "mean" | "std") MultiIndex.
@@ -315,7 +315,7 @@ def efficiency_table(timing_files: Mapping[str, str | Path] | Sequence[str | Pat
 def volume_table(summary: pd.DataFrame, *, decimals: int = 1) -> pd.DataFrame:
     """Per-organ volume statistics (ml) over the labelled cases of a conversion summary.
 
-    `summary` is flare_utils.convert.dataset_summary's frame (one column per organ name, NaN for
+    `summary` is flare_utils.data.convert.dataset_summary's frame (one column per organ name, NaN for
     unlabelled cases). Rows: organ titles; columns: cases, mean, std, min, max (ml), "absent" (how
     many labelled cases have a zero volume).
     """

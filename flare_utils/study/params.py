@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import FlareInputError
+from flare_utils.errors import FlareInputError
 
 
 @dataclass
 class PhantomParams:
-    """Synthetic cohort (the embedded default dataset), see flare_utils.phantom."""
+    """Synthetic cohort (the embedded default dataset), see flare_utils.synthetic.phantom."""
     preset: str = "demo"
     n_labelled: int = 8
     n_unlabelled: int = 16
@@ -46,10 +46,10 @@ class DataParams:
 @dataclass
 class TeacherParams:
     """Teacher training stage (02): plan variants to build and the big teacher's training."""
-    # planned + preprocessed: names of flare_utils.plans.PLAN_VARIANTS, or mappings of PlanVariant
+    # planned + preprocessed: names of flare_utils.planning.plans.PLAN_VARIANTS, or mappings of PlanVariant
     # fields (a study's own variant: {name, base_features, patch_size_zyx, spacing_zyx, ...})
     plan_variants: list[str | dict[str, Any]] = field(default_factory=lambda: ["accurate_demo", "efficient_demo"])
-    plans: str = "accurate_demo"         # the teacher's plan variant (flare_utils.plans)
+    plans: str = "accurate_demo"         # the teacher's plan variant (flare_utils.planning.plans)
     trainer: str = "FlareTeacherTrainer"
     folds: list[int] | Literal["all"] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     epochs: int = 10

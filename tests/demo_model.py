@@ -6,9 +6,8 @@ The network, plans, preprocessing and checkpoint are stock nnU-Net v2; only the 
 short (a few epochs of a few iterations, no final validation) and, unless `augment=True`, the
 training patches are not augmented (nnU-Net's validation transforms), which converges much faster.
 
-`train_demo_model(run_dir, ...)` runs everything in a child process (nnU-Net binds its folder
-globals at import, so a fresh interpreter with `nnUNet_raw/_preprocessed/_results` pointing at
-`run_dir` is the only clean way), and returns the results folder
+`train_demo_model(run_dir, ...)` runs everything in a child process (its short-schedule trainer
+class and nnU-Net's folder variables stay out of the caller's process), and returns the results folder
 `<run_dir>/nnUNet_results/DatasetNNN_<name>/nnUNetTrainer__<plans>__3d_fullres`.
 
 The short-schedule trainer is a subclass of `nnUNetTrainer` that keeps the name `nnUNetTrainer`,
@@ -32,7 +31,7 @@ REQUEST_FILE = "flare_demo_model.json"
 
 
 def _tiny_variant(patch_zyx: Sequence[int], spacing_zyx: Sequence[float], n_conv: int = 1):
-    from .plans import PlanVariant
+    from flare_utils.planning.plans import PlanVariant
     return PlanVariant("inference_tiny", "tiny network for inference tests", base_features=8, max_features=32,
                        n_conv_per_stage=n_conv, n_downsamplings=2, patch_size_zyx=tuple(int(v) for v in patch_zyx),
                        spacing_zyx=tuple(float(v) for v in spacing_zyx), batch_size=2)
@@ -50,7 +49,7 @@ def train_demo_model(run_dir: str | Path, *, dataset_id: int = 951, name: str = 
 
     fov: a field of view, or a list cycled over the cases (None: drawn from the preset).
     variant: "tiny" (a project-local plan: 8 features, `n_conv` convs per stage, 2 downsamplings, patch
-    `patch_zyx` at `spacing_zyx`) or any name of `flare_utils.plans.PLAN_VARIANTS` (e.g.
+    `patch_zyx` at `spacing_zyx`) or any name of `flare_utils.planning.plans.PLAN_VARIANTS` (e.g.
     "efficient_demo"; `patch_zyx`/`spacing_zyx` are then ignored).
     oversample_foreground: share of training patches forced to contain foreground (nnU-Net: 0.33);
     more helps a very short schedule leave the "all background" phase.
@@ -82,11 +81,11 @@ def train_demo_model(run_dir: str | Path, *, dataset_id: int = 951, name: str = 
         if done.get("request") == request and Path(done["results"]).is_dir():
             return Path(done["results"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    from .paths import nnunet_env
+    from flare_utils.layout import nnunet_env
     env = dict(os.environ, **nnunet_env(run_dir), nnUNet_n_proc_DA="1")
     log = run_dir / "demo_model_training.log"
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "flare_utils.demo_model", str(run_dir), json.dumps(request)],
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(run_dir), json.dumps(request)],
                               env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
@@ -96,8 +95,8 @@ def train_demo_model(run_dir: str | Path, *, dataset_id: int = 951, name: str = 
 
 def _write_raw_dataset(raw: Path, req: dict) -> Path:
     import numpy as np
-    from .phantom import generate_case
-    from .plans import flare22_dataset_json
+    from flare_utils.synthetic.phantom import generate_case
+    from flare_utils.planning.plans import flare22_dataset_json
     ds = raw / f"Dataset{req['dataset_id']:03d}_{req['name']}"
     (ds / "imagesTr").mkdir(parents=True, exist_ok=True)
     (ds / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -130,7 +129,7 @@ def _make_trainer_class(epochs: int, iterations: int, augment: bool, oversample:
 
         if optimizer == "adamw":
             def configure_optimizers(self):
-                from .training.base import make_optimizer
+                from flare_utils.training.base import make_optimizer
                 return make_optimizer(self.network.parameters(), "adamw", self.initial_lr, self.weight_decay,
                                       self.num_epochs)
 
@@ -150,12 +149,12 @@ def _make_trainer_class(epochs: int, iterations: int, augment: bool, oversample:
 
 
 def _plan_and_preprocess(dataset_id: int, dataset_name: str, variant, preprocessed: Path) -> dict:
-    """nnU-Net's fingerprint + default planner, then `flare_utils.plans.make_plan_variant`, then
+    """nnU-Net's fingerprint + default planner, then `flare_utils.planning.plans.make_plan_variant`, then
     nnU-Net's preprocessing of that plans identifier (3d_fullres only)."""
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                        preprocess_dataset)
-    from .plans import CONFIGURATION, get_variant, make_plan_variant
+    from flare_utils.planning.plans import CONFIGURATION, get_variant, make_plan_variant
     fingerprint = extract_fingerprint_dataset(dataset_id, num_processes=1, check_dataset_integrity=False,
                                               clean=True, verbose=False)
     base = ExperimentPlanner(dataset_name, plans_name="nnUNetPlans").plan_experiment()
@@ -172,7 +171,7 @@ def _child(run_dir: Path, req: dict) -> None:
     import zlib
 
     import torch
-    from .paths import use_nnunet_folders
+    from flare_utils.layout import use_nnunet_folders
     layout = use_nnunet_folders(run_dir)
     import random
 

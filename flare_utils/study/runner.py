@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterable, TextIO
 
 import yaml
 
-from .errors import FlareInputError
-from .io import atomic_write_text
-from .params import STUDENT_VARIANTS, StudyParams, load_params
-from .paths import NOTEBOOK_DIR, RunLayout, environment, nnunet_env
-from .progress import ENV_VAR as PROGRESS_ENV, ProgressWatcher
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import atomic_write_text
+from flare_utils.study.params import STUDENT_VARIANTS, StudyParams, load_params
+from flare_utils.layout import NOTEBOOK_DIR, RunLayout, environment, nnunet_env
+from flare_utils.utilities.progress import ENV_VAR as PROGRESS_ENV, ProgressWatcher
 
 MARKER_DIR = ".flare_stages"
 STAGES_FILE = "stages.json"
@@ -76,7 +76,7 @@ def _raw_dataset(p: StudyParams, run: RunLayout) -> Path:
 def _plans_id(p: StudyParams, name: str) -> str:
     """Plans identifier of a plan variant name (a built-in one or one of teacher.plan_variants);
     anything else is taken as an identifier already."""
-    from .plans import PLAN_VARIANTS, PlanVariant
+    from flare_utils.planning.plans import PLAN_VARIANTS, PlanVariant
     own = {v["name"]: v for v in p.teacher.plan_variants if isinstance(v, dict) and "name" in v}
     if name in own:
         return PlanVariant(name=name).plans_identifier
@@ -98,7 +98,7 @@ def _pseudo_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     retrain = {"optimizer": t.optimizer, "initial_lr": t.initial_lr, "mirroring": t.mirroring,
                "oversample_foreground_percent": t.oversample_foreground, "num_threads": q.num_threads}
     if q.retrain_from_teacher:
-        from .training.api import results_folder
+        from flare_utils.training.api import results_folder
         fold = t.folds if t.folds == "all" else t.folds[0]
         with environment(**nnunet_env(run.root)):
             retrain["init_checkpoint"] = str(results_folder(p.data.dataset_id, plans, t.trainer) / f"fold_{fold}"
@@ -117,7 +117,7 @@ def _select_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
 def _student_parameters(p: StudyParams, run: RunLayout, variant: str) -> dict[str, Any]:
     s = dataclasses.asdict(p.student)
     del s["variants"]
-    from .selection import ALL_CASES_FILE, SELECTION_FILE
+    from flare_utils.semisup.selection import ALL_CASES_FILE, SELECTION_FILE
     selection = {"labelled_only": None,
                  "selected": s["selection_file"] or str(run.root / "selection" / SELECTION_FILE),
                  "all": str(run.root / "selection" / ALL_CASES_FILE)}[variant]
@@ -131,7 +131,7 @@ def _student_parameters(p: StudyParams, run: RunLayout, variant: str) -> dict[st
 
 
 def _infer_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
-    from .run_models import select_models
+    from flare_utils.study.models import select_models
     models = select_models(run.root, p.inference.models)
     if not models:
         raise FlareInputError(run.root, "no trained model registered in models.json: run the training stages first")
@@ -147,7 +147,7 @@ def _infer_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
 def _evaluate_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     e = dataclasses.asdict(p.evaluation)
     sets, timing = {}, {}
-    from .inference_runs import SUMMARY_JSON
+    from flare_utils.inference.runs import SUMMARY_JSON
     summary = run.root / "inference" / SUMMARY_JSON
     if summary.is_file():                      # the inference stage's predictions, one set per model
         for name, m in json.loads(summary.read_text())["models"].items():
@@ -396,8 +396,7 @@ def run_study(params_path: str | Path, *, run_dir: str | Path | None = None, sta
     """Execute the params file's stages in pipeline order, skipping complete units (module
     docstring); stop at the first failing one (StageFailed, after writing stages.json and the
     index report). Returns one StageResult per unit of the plan."""
-    from . import provenance
-
+    from flare_utils.study import provenance
     overrides = {"run_dir": str(run_dir)} if run_dir is not None else None
     params = load_params(params_path, overrides)
     start = _stage_names(start_from, params, "--from")
@@ -459,7 +458,7 @@ def run_study(params_path: str | Path, *, run_dir: str | Path | None = None, sta
         _write_status(run, results)
         if index:
             try:
-                from .index_report import write_index
+                from flare_utils.study.index_report import write_index
                 path = write_index(run.root)
                 rlog(f"index report: {path}")
             except Exception as e:          # the report must never hide the stage's own error

@@ -191,7 +191,7 @@ def labels_to_original(labels: torch.Tensor | np.ndarray, out: np.ndarray, *, sl
 def label_planes(labels: torch.Tensor | np.ndarray, shape: Sequence[int], crop: Sequence[slice],
                  perm: Sequence[int], dtype=np.uint8) -> Iterator[np.ndarray]:
     """The original-grid label map, one plane of the last file axis k at a time, for a streaming writer
-    (`flare_utils.io.save_nifti_planes_like`): nearest-neighbour resampling (`nearest-exact`, as
+    (`flare_utils.data.io.save_nifti_planes_like`): nearest-neighbour resampling (`nearest-exact`, as
     `labels_to_original`) of the network-grid `labels` into `crop` of a zero array of `shape`.
 
     labels: network axis d = file axis perm[d]. Each yielded plane is (shape[1], shape[0]) (j, i) in C

@@ -1,7 +1,7 @@
 """Folder-level FLARE22 evaluation: per-case CSV in the official layout and a JSON summary.
 
 ``evaluate_folders(pred_dir, gt_dir, out_dir)`` matches predictions to ground truths by case id
-(file name without .nii.gz/.nii), scores every case with flare_utils.metrics in parallel worker
+(file name without .nii.gz/.nii), scores every case with flare_utils.evaluation.metrics in parallel worker
 processes, and writes:
 
 * ``metrics_per_case.csv``: ``Name`` (the ground truth's file name, as the official script), then
@@ -27,11 +27,11 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from .errors import FlareInputError
-from .io import atomic_write_text, case_id_from_path, read_label_map
-from .labels import ORGANS
-from .metrics import DEFAULT_REVISION, _check_revision, evaluate_case, scores_to_row
-from .parallel import map_processes
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import atomic_write_text, case_id_from_path, read_label_map
+from flare_utils.data.labels import ORGANS
+from flare_utils.evaluation.metrics import DEFAULT_REVISION, _check_revision, evaluate_case, scores_to_row
+from flare_utils.utilities.parallel import map_processes
 
 CSV_NAME = "metrics_per_case.csv"
 SUMMARY_NAME = "summary.json"

@@ -1,6 +1,6 @@
 """Stability-based selection of pseudo labels (FLARE22 winner, equation (1)).
 
-After K pseudo-labelling rounds (`flare_utils.pseudo`), every unlabelled case has K label maps
+After K pseudo-labelling rounds (`flare_utils.semisup.rounds`), every unlabelled case has K label maps
 y_1 .. y_K. Its *stability score* is
 
     u = 1/(K-1) * sum_{i=2..K}  SUM(y_i != y_{i-1}) / SUM(y_i > 0)
@@ -37,7 +37,7 @@ folders, selects, and writes atomically
 * `<out_dir>/stability_scores.csv` - every case: u, the per-pair terms, foreground of the last
   round, rank, selected (written even when nothing is selected);
 * `<out_dir>/selection.json` - the selection file the pseudo-label trainers read
-  (`flare_utils.training.pseudo.write_selection_file` format: case ids, the unlabelled images
+  (`flare_utils.training.with_pseudo_labels.write_selection_file` format: case ids, the unlabelled images
   folder, the chosen round's label folder, meta with the rule and the scores);
 * `<out_dir>/selection_all.json` - the same format with every scored case (the "all pseudo
   labels" baseline of the paper's Table 5);
@@ -45,7 +45,7 @@ folders, selects, and writes atomically
 
 Round-to-round agreement (`compare_labels`) computes, in one pass over a pair of label maps, the
 changed voxels, both foreground volumes and the Dice of every organ (both empty: 1, one empty: 0,
-as in FLARE22); `flare_utils.pseudo.round_agreement` uses it for the notebooks.
+as in FLARE22); `flare_utils.semisup.rounds.round_agreement` uses it for the notebooks.
 """
 from __future__ import annotations
 
@@ -58,10 +58,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import FlareInputError
-from .io import Geometry, atomic_write_text, case_id_from_path, read_label_map
-from .labels import LABELS
-from .parallel import map_processes
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import Geometry, atomic_write_text, case_id_from_path, read_label_map
+from flare_utils.data.labels import LABELS
+from flare_utils.utilities.parallel import map_processes
 
 __all__ = ["DEFAULT_THRESHOLD", "SCORES_CSV", "SELECTION_FILE", "ALL_CASES_FILE", "SUMMARY_FILE", "stability_score",
            "pair_term", "compare_labels", "label_files", "check_rounds", "stability_scores",
@@ -281,8 +281,8 @@ def select_cases(scores: pd.DataFrame | pd.Series | Mapping[str, float], thresho
 def write_trainer_selection(path: str | Path, cases: Sequence[str], labels_folder: str | Path,
                             images_folder: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
     """Write the selection file that the pseudo-label trainers read - the ONE place that knows its
-    format (`flare_utils.training.pseudo.write_selection_file`, which validates every file)."""
-    from .training.pseudo import write_selection_file
+    format (`flare_utils.training.with_pseudo_labels.write_selection_file`, which validates every file)."""
+    from flare_utils.semisup.selection_file import write_selection_file
     return write_selection_file(path, list(cases), labels_folder, images_folder, meta=dict(meta or {}))
 
 
@@ -364,14 +364,14 @@ def select_pseudo_labels(round_dirs: Sequence[str | Path], images_folder: str | 
             selection_path.unlink()          # a stale selection must not outlive this decision
         selection_path = None
     else:
-        m = {"source": "flare_utils.selection", "equation": "u = 1/(K-1) sum_i SUM(y_i != y_i-1) / SUM(y_i > 0)",
+        m = {"source": "flare_utils.semisup.selection", "equation": "u = 1/(K-1) sum_i SUM(y_i != y_i-1) / SUM(y_i > 0)",
              "rounds": [str(d) for d in dirs], "labels_round": str(labels_folder), **rule,
              "scores": {c: _json_safe(float(sel.at[c, "u"])) for c in selected}, **dict(meta or {})}
         write_trainer_selection(selection_path, selected, labels_folder, images_folder, m)
     all_path: Path | None = out_dir / ALL_CASES_FILE
     if len(sel):
         write_trainer_selection(all_path, [str(c) for c in sel.index], labels_folder, images_folder,
-                                {"source": "flare_utils.selection", "rule": "all", "rounds": [str(d) for d in dirs],
+                                {"source": "flare_utils.semisup.selection", "rule": "all", "rounds": [str(d) for d in dirs],
                                  "labels_round": str(labels_folder), **dict(meta or {})})
     else:
         all_path = None
@@ -417,11 +417,11 @@ def selection_quality(scores: pd.DataFrame, quality: pd.DataFrame | pd.Series,
 def case_overlay(case: str, labels_dir: str | Path, images_dir: str | Path | None = None,
                  truth_dir: str | Path | None = None, title: str | None = None):
     """Axial + coronal picture of one case: its pseudo label (and the ground truth when
-    `truth_dir` has it) over the CT, in RAS+ orientation (`flare_utils.report.overlay_figure`)."""
+    `truth_dir` has it) over the CT, in RAS+ orientation (`flare_utils.study.report.overlay_figure`)."""
     import nibabel as nib
 
-    from .io import load_nifti
-    from .report import find_case_file, overlay_figure
+    from flare_utils.data.io import load_nifti
+    from flare_utils.study.report import find_case_file, overlay_figure
 
     def canonical(path, label):
         img = nib.as_closest_canonical(load_nifti(path))

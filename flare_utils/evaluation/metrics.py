@@ -69,9 +69,9 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import FlareInputError
-from .io import read_label_map
-from .labels import LABELS, ORGANS, Z_CUT_LABELS
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import read_label_map
+from flare_utils.data.labels import LABELS, ORGANS, Z_CUT_LABELS
 
 REVISIONS: tuple[str, ...] = ("2022", "2024")
 DEFAULT_REVISION = "2022"
@@ -114,7 +114,7 @@ def _normals_table():
         from surface_distance.lookup_tables import _NEIGHBOUR_CODE_TO_NORMALS
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "flare_utils.metrics needs the 'surface-distance' package (DeepMind's surfel normals "
+            "flare_utils.evaluation.metrics needs the 'surface-distance' package (DeepMind's surfel normals "
             "table): pip install surface-distance==0.1") from e
     return _NEIGHBOUR_CODE_TO_NORMALS
 

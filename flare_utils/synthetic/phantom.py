@@ -50,11 +50,11 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import FlareInputError
-from .io import atomic_directory, save_nifti
-from .labels import LABELS, ORGANS
-from .labels import organ as _organ
-from .parallel import map_processes
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import atomic_directory, save_nifti
+from flare_utils.data.labels import LABELS, ORGANS
+from flare_utils.data.labels import organ as _organ
+from flare_utils.utilities.parallel import map_processes
 
 __all__ = ["PhantomPreset", "PRESETS", "PhantomCase", "CohortInfo", "FOVS", "PAINT_ORDER",
            "generate_case", "write_cohort", "case_seed", "get_preset", "PHANTOM_VERSION"]
@@ -64,7 +64,7 @@ __all__ = ["PhantomPreset", "PRESETS", "PhantomCase", "CohortInfo", "FOVS", "PAI
 PHANTOM_VERSION = 1
 
 # ----------------------------------------------------------------------------------------------
-# Label ids (from flare_utils.labels) used by name below.
+# Label ids (from flare_utils.data.labels) used by name below.
 LIVER, RKID, SPLEEN, PANCREAS, AORTA, IVC, RADR, LADR, GALL, ESO, STOMACH, DUOD, LKID = range(1, 14)
 assert [o.name for o in ORGANS][:3] == ["liver", "right_kidney", "spleen"]
 
@@ -273,7 +273,7 @@ class PhantomCase:
     present_labels: tuple[int, ...]
     seed: int = 0
     preset: str = ""
-    missing: tuple[str, ...] = ()        # organs left out on purpose (names from flare_utils.labels)
+    missing: tuple[str, ...] = ()        # organs left out on purpose (names from flare_utils.data.labels)
     meta: dict = field(default_factory=dict)
 
     @property
@@ -1432,7 +1432,7 @@ def write_cohort(root: str | Path, n_labelled: int, n_unlabelled: int, n_validat
             (tmp / sub).mkdir(parents=True, exist_ok=True)
         jobs = [(str(tmp), *j) for j in jobs_spec]
         cases = map_processes(_write_one, jobs, processes)
-        doc = dict(generator="flare_utils.phantom", calibration=CALIBRATION_SOURCE,
+        doc = dict(generator="flare_utils.synthetic.phantom", calibration=CALIBRATION_SOURCE,
                    orientation=p.axcodes, request=request, cases=cases)
         (tmp / "cohort.json").write_text(json.dumps(doc, indent=1))
     return CohortInfo.load(root)

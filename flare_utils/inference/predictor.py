@@ -4,10 +4,10 @@
 network from the plans and the checkpoint's trainer, and supplies the Gaussian, the step rule,
 the padding and the mirroring axes); what it changes:
 
-* preprocessing (`flare_utils.resample`): crop to the body (HU > -500 bounding box; see that
+* preprocessing (`flare_utils.inference.resample`): crop to the body (HU > -500 bounding box; see that
   module), CT normalisation exactly as planned, torch linear resampling slab by slab on the
   device (GPU when there is one) instead of nnU-Net's scipy cubic resampling;
-* sliding window (`flare_utils.sliding_window`): `mode="efficient"` runs the 3x3 windows per z
+* sliding window (`flare_utils.inference.sliding_window`): `mode="efficient"` runs the 3x3 windows per z
   step, centre first, skipping the 8 neighbours when the centre window predicts fewer than
   `centre_threshold` foreground voxels (default 1 = "no foreground", the paper's rule);
   `mode="full"` is nnU-Net's regular tiling through the same code (same windows, same Gaussian,
@@ -37,7 +37,7 @@ most aligned with the patient's head-foot world axis.
 Per case a `CaseReport` (dataclass, `to_dict()`, `to_row()`) gives windows evaluated / skipped
 against the grid's full count, equation (2) of the paper (9 per z step) and nnU-Net's full
 sliding-window count; time per phase (read, preprocess, network, resample, write); the summed
-time of the network forward calls; peak RAM; and the `flare_utils.efficiency.ResourceMonitor`
+time of the network forward calls; peak RAM; and the `flare_utils.evaluation.efficiency.ResourceMonitor`
 figures. `predict_folder` writes `<out>/efficiency/<case>.json` and `<out>/efficiency/summary.csv`.
 
 Batch inference (`predict_folder`) reads and preprocesses the next case in a background thread and
@@ -77,16 +77,16 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .progress import report as report_progress
-from .errors import FlareInputError
-from .io import case_id_from_path, read_nifti, save_nifti_like, save_nifti_planes_like
-from .resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape, label_planes,
+from flare_utils.utilities.progress import report as report_progress
+from flare_utils.errors import FlareInputError
+from flare_utils.data.io import case_id_from_path, read_nifti, save_nifti_like, save_nifti_planes_like
+from flare_utils.inference.resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape, label_planes,
                        resample_to_grid, separate_z_axis)
-from .sliding_window import (DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP, MODES, SlidingWindowResult, WindowGrid,
+from flare_utils.inference.sliding_window import (DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP, MODES, SlidingWindowResult, WindowGrid,
                              make_grid, nnunet_window_count, paper_eq2_count, run_sliding_window)
 
 try:  # the project's resource monitor (FLARE22-style sampling); optional
-    from .efficiency import ResourceMonitor
+    from flare_utils.evaluation.efficiency import ResourceMonitor
 except ImportError:  # pragma: no cover
     ResourceMonitor = None
 
@@ -454,7 +454,7 @@ def _make_class():
             trainer_name = first["trainer_name"]
             trainer_cls = nnUNetTrainer
             try:
-                from .training.registry import trainer_classes
+                from flare_utils.training.registry import trainer_classes
                 trainer_cls = trainer_classes().get(trainer_name, nnUNetTrainer)
             except Exception:
                 pass
@@ -673,7 +673,7 @@ def _make_class():
                 ref = SimpleNamespace(header=pre.header)
                 save_nifti_like(label, ref, output)
             else:
-                from .io import save_nifti
+                from flare_utils.data.io import save_nifti
                 save_nifti(label, pre.affine, output)
 
         def write_labels(self, labels: torch.Tensor, pre: PreprocessedCase, output: Path, rep: CaseReport,
@@ -954,7 +954,7 @@ def _remove_stale_temporaries(folder: Path) -> None:
                 pass
 
 
-_PREDICTOR_DOC = """nnUNetPredictor with the FLARE22 winner's efficient inference (see flare_utils.inference).
+_PREDICTOR_DOC = """nnUNetPredictor with the FLARE22 winner's efficient inference (see flare_utils.inference.predictor).
 
 Parameters: mode "efficient" | "full"; device "auto" | "cpu" | "cuda"; tta (mirroring, off by
 default); centre_threshold (efficient mode: neighbours run only when the centre window predicts at

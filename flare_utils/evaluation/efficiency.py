@@ -54,7 +54,7 @@ from typing import Any, Iterator
 
 import psutil
 
-from .io import atomic_write_text
+from flare_utils.data.io import atomic_write_text
 
 try:
     import resource

@@ -1,0 +1,1 @@
+"""Evaluation: FLARE22 DSC/NSD, folder evaluation and the efficiency monitor."""

@@ -1,0 +1,1 @@
+"""nnU-Net v2 planning and preprocessing of the FLARE22 plan variants."""

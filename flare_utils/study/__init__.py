@@ -1,0 +1,1 @@
+"""A whole study: params, the runner, provenance, reports and the command line."""

@@ -1,0 +1,1 @@
+"""The embedded synthetic CT cohort (FLARE22-like phantoms, deterministic by seed)."""

@@ -1,0 +1,1 @@
+"""Small shared helpers: progress reporting and worker processes."""
