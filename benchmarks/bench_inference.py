@@ -140,15 +140,17 @@ def worker(method: str, model: str, image: str, out_dir: str, threads: int) -> d
     if method.startswith("ours"):
         import re
         import shutil
+        from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
         from flare_utils.inference.predictor import EfficientPredictor
         thr = re.search(r"_t(\d+)", method)
         batch = re.search(r"_batch(\d+)", method)
         inplane = re.search(r"_ip(\d+)", method)
+        centre_threshold = int(thr.group(1)) if thr else DEFAULT_CENTRE_THRESHOLD
+        inplane_step = int(inplane.group(1)) / 100 if inplane else DEFAULT_INPLANE_STEP
         t0 = time.perf_counter()
         p = EfficientPredictor.from_results_folder(model, folds=(0,), mode="full" if "full" in method else "efficient",
                                                    device="cpu", monitor=False, onednn="native" not in method,
-                                                   centre_threshold=int(thr.group(1)) if thr else 1,
-                                                   inplane_step=int(inplane.group(1)) / 100 if inplane else 0.5)
+                                                   centre_threshold=centre_threshold, inplane_step=inplane_step)
         res["load_model_s"] = time.perf_counter() - t0
         res["centre_threshold"] = p.centre_threshold
         if batch:

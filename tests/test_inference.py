@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from flare_utils.errors import FlareInputError
-from flare_utils.inference.predictor import CaseReport, EfficientPredictor
+from flare_utils.inference.case_report import CaseReport
+from flare_utils.inference.predictor import EfficientPredictor
 from flare_utils.inference.resample import compute_new_shape
 from flare_utils.inference.sliding_window import nnunet_steps
 
@@ -375,7 +376,7 @@ def test_bad_inputs(tiny_model, tiny_cases, tmp_path, capsys):
 
 
 def test_onednn_convolutions_match_native(tiny_model, tiny_cases):
-    from flare_utils.inference.predictor import use_onednn_convolutions
+    from flare_utils.inference.onednn import use_onednn_convolutions
     native = EfficientPredictor.from_results_folder(tiny_model, folds=(0,), device="cpu", onednn=False)
     fast = EfficientPredictor.from_results_folder(tiny_model, folds=(0,), device="cpu")
     assert fast.onednn and not native.onednn

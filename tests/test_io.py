@@ -75,3 +75,41 @@ def test_corrupt_gzip_is_an_input_error(tmp_path):
     with pytest.raises(FlareInputError) as e:
         io.load_nifti(out)
     assert "c.nii.gz" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------- shared file helpers
+
+def test_nifti_listing_skips_hidden_and_other_files(tmp_path):
+    for name in ("b_0000.nii.gz", "a_0000.nii", "a.nii.gz", ".a.nii.gz.1f2e3d4c.tmp.nii.gz", "notes.txt",
+                 "c_0001.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "d.nii.gz").mkdir()                     # a folder is not an image
+    assert [p.name for p in io.list_nifti(tmp_path)] == ["a.nii.gz", "a_0000.nii", "b_0000.nii.gz", "c_0001.nii.gz"]
+    assert [p.name for p in io.list_nifti(tmp_path, suffixes=("_0000.nii.gz", "_0000.nii"))] == \
+        ["a_0000.nii", "b_0000.nii.gz"]
+    assert list(io.nifti_by_case(tmp_path)) == ["a", "a_0000", "b_0000", "c_0001"]
+    with pytest.raises(FlareInputError, match="'a' appears twice"):
+        io.nifti_by_case(tmp_path, channel_suffix=True)     # a.nii.gz and a_0000.nii
+
+
+def test_atomic_json_converts_numpy_and_paths(tmp_path):
+    import json
+    from pathlib import Path
+    obj = {"i": np.int64(3), "f": np.float32(0.5), "b": np.bool_(True), "a": np.arange(3), "p": Path("x/y"),
+           "t": (1, 2)}
+    out = io.atomic_write_json(tmp_path / "sub" / "o.json", obj)
+    assert json.loads(out.read_text()) == {"i": 3, "f": 0.5, "b": True, "a": [0, 1, 2], "p": "x/y", "t": [1, 2]}
+    assert out.read_text() == json.dumps(json.loads(out.read_text()), indent=1)
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        io.atomic_write_json(tmp_path / "bad.json", {"x": object()})
+    assert not (tmp_path / "bad.json").exists() and [p.name for p in tmp_path.iterdir()] == ["sub"]
+
+
+def test_remove_stale_temporaries(tmp_path):
+    (tmp_path / ".a.nii.gz.0123abcd.tmp.nii.gz").write_bytes(b"")
+    (tmp_path / ".b.json.tmp").write_text("{")
+    (tmp_path / ".hidden").write_text("kept")
+    (tmp_path / "c.tmp.nii.gz").write_text("kept: not hidden")
+    assert io.remove_stale_temporaries(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "c.tmp.nii.gz"]
+    assert io.remove_stale_temporaries(tmp_path / "missing") == 0

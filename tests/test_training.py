@@ -28,10 +28,10 @@ TINY = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_
 def run_dir(tmp_path_factory):
     """A tiny dataset (5 cases), planned and preprocessed with the efficient_demo plans."""
     from flare_utils.planning.plans import plan_and_preprocess
-    from flare_utils.training.api import point_nnunet_at
+    from flare_utils.layout import RunLayout
     root = tmp_path_factory.mktemp("training_run")
     with preserved_environ((*NNUNET_VARS, ENV_VAR)):
-        point_nnunet_at(root)
+        RunLayout(root).activate()
         os.environ.pop(ENV_VAR, None)
         write_tiny_dataset(root / "nnUNet_raw", DATASET, "TrainTiny", n=5, seed=1)
         plan_and_preprocess(DATASET, ("efficient_demo",), processes=1)
@@ -82,6 +82,24 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(FlareInputError, match="not available"):
             resolve_device("cuda")
+
+
+def test_device_names_shared_by_training_and_inference():
+    from flare_utils.utilities.device import resolve_device
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert resolve_device().type == expected
+    assert resolve_device("auto", "cpu").type == "cpu"            # the device a caller was handed, when present
+    for bad in ("gpu", "cuda:x", "cpu:0", ""):
+        with pytest.raises(FlareInputError, match="device must be"):
+            resolve_device(bad)
+    if torch.cuda.is_available():
+        assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(FlareInputError, match="not available"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(FlareInputError, match="not available"):
+            resolve_device("mps")
 
 
 # ---------------------------------------------------------------------------------- registration

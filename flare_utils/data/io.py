@@ -2,25 +2,26 @@
 
 Convention used across flare_utils: arrays are in the file's voxel order (i, j, k), as nibabel
 returns them, and `spacing` is the matching header zooms (mm). Writers never leave a
-half-written file: they write a temporary sibling and rename it into place.
+half-written file: they write a temporary sibling and rename it into place. Compressed files go
+through ISA-L's gzip (`isal`) when it is installed, else nibabel's own (same format, slower).
+Also the small file helpers every stage shares (atomic text/JSON writes, clean-up of stale
+temporaries, the NIfTI files of a folder).
 
-Compressed files (.nii.gz) go through ISA-L's gzip (the `isal` package) when it is installed:
-the same gzip format, read about 2x and written (level 1, nibabel's default) about 4x faster than
-Python's zlib on a 512x512x400 CT (docs/benchmarks.md); for a small inference network the gzip
-work is otherwise a large part of a case's time. Without `isal` nibabel's own gzip is used.
-`save_nifti_planes_like` writes a volume plane by plane, never holding it whole.
+Details: docs/reference/nifti_io.md
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -245,6 +246,63 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def json_default(o: Any) -> Any:
+    """`json.dumps(..., default=json_default)`: numpy scalars and arrays as numbers and lists,
+    paths and torch devices as strings; anything else is a TypeError, as without it."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    torch = sys.modules.get("torch")          # a torch.device exists only once torch is imported
+    if torch is not None and isinstance(o, torch.device):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Path:
+    """Write `obj` as JSON atomically (numpy values and paths converted by `json_default`)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=json_default))
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files interrupted atomic writes left in `folder` (`.<name>.<hex>.tmp...`);
+    returns how many. A missing folder has none."""
+    folder = Path(folder)
+    n = 0
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".") and ".tmp" in p.name and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    n += 1
+    return n
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def list_nifti(folder: str | Path, suffixes: tuple[str, ...] = NIFTI_SUFFIXES) -> list[Path]:
+    """The NIfTI files directly in `folder`, sorted by name. Hidden files (unfinished atomic writes)
+    are left out; `suffixes` narrows the names, e.g. ("_0000.nii.gz", "_0000.nii") for nnU-Net's
+    first channel."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.name.endswith(tuple(suffixes)))
+
+
+def nifti_by_case(folder: str | Path, channel_suffix: bool = False) -> dict[str, Path]:
+    """{case id: file} of the NIfTI files of `folder` (`list_nifti`, ids by `case_id_from_path`); a
+    case present twice (e.g. as .nii and .nii.gz) is a FlareInputError."""
+    found: dict[str, Path] = {}
+    for p in list_nifti(folder):
+        cid = case_id_from_path(p, channel_suffix=channel_suffix)
+        if cid in found:
+            raise FlareInputError(folder, f"case {cid!r} appears twice ({found[cid].name}, {p.name})")
+        found[cid] = p
+    return found
 
 
 @contextlib.contextmanager

@@ -1,41 +1,16 @@
 """Resource monitor in the manner of the FLARE22 efficiency harness, plus a per-phase timer.
 
-The FLARE22 challenge measured each case's inference by sampling every 0.1 s (DESIGN.md, "Facts
-worth knowing"):
-
-* wall time of the case;
-* CPU utilisation, system-wide, as ``100 - idle %``; its area under the curve is
-  ``sum(samples) * interval`` (%·s);
-* GPU memory in MiB, device-wide as ``nvidia-smi`` shows it; its area under the curve is
-  ``sum(max(0, mem - tolerance)) * interval`` (MiB·s). The harness tolerates 2048 MiB: here the
-  tolerance is subtracted from every sample and clipped at 0 *before* summing, so a run that
-  never exceeds 2048 MiB has a GPU AUC of exactly 0 (and the peak is still reported unclipped);
-* peak RAM. Here that is the largest sum of resident set sizes (RSS) over this process and all
-  its descendants seen in any sample (pages shared between a parent and its forked children are
-  counted once per process, as RSS does). ``getrusage``'s ``ru_maxrss`` of this process (a
-  lifetime peak, so it includes anything before the block) and of its waited-for children are
-  reported beside it as a cross-check.
-
-Each AUC here is ``sum(value_i * dt_i)`` with dt_i the time since the previous sample. With
-samples on schedule (dt = interval) that is the harness's ``sum * interval``; when the sampler is
-late (see ResourceMonitor) the late sample covers the gap instead of the gap being lost.
-
-Usage::
+The FLARE22 challenge measured each case's inference by wall time, CPU and GPU-memory areas under
+the curve and peak RAM, sampled every 0.1 s; `ResourceMonitor` measures the same around a block of
+code, from a daemon thread, so that our numbers compare with the challenge's. Usage::
 
     with ResourceMonitor(interval=0.1, gpu_tolerance_mib=2048) as mon:
         run_inference(...)
-    print(mon.result.to_row())
     mon.save(out_dir / "timing.json")      # timing.json + timing.timeseries.csv, atomically
 
-Without a usable CUDA GPU every GPU figure is ``None`` in Python and the string
-``"not measured"`` in JSON and tables, never 0. The GPU is read through NVML (``pynvml``) when it
-is installed, otherwise through ``torch.cuda``; the monitor does not import torch on machines that
-have no NVIDIA driver at all.
+Without a usable CUDA GPU every GPU figure is ``None`` (``"not measured"`` in JSON), never 0.
 
-The sampler is one daemon thread that sleeps between samples (an ``Event.wait``), re-reads a few
-kept-open ``/proc`` files (psutil off Linux) and keeps the numbers in lists; its own CPU time is reported as
-``monitor_cpu_s`` so that its cost can be checked. An exception raised inside the ``with`` block
-stops the sampler, the report is still built (``mon.result``), and the exception propagates.
+Details: docs/reference/efficiency_monitor.md
 """
 from __future__ import annotations
 
@@ -55,6 +30,7 @@ from typing import Any, Iterator
 import psutil
 
 from flare_utils.data.io import atomic_write_text
+from flare_utils.utilities.memory import peak_rss_mib
 
 try:
     import resource
@@ -355,13 +331,6 @@ class _Readings:
         return total
 
 
-def _maxrss_mib(who: str) -> float | None:
-    if resource is None:
-        return None
-    v = resource.getrusage(getattr(resource, who)).ru_maxrss
-    return v / MIB if sys.platform == "darwin" else v / 1024.0  # bytes on macOS, KiB on Linux
-
-
 class ResourceMonitor:
     """Samples wall time, process-tree RSS, system CPU utilisation and GPU memory in a thread.
 
@@ -504,8 +473,8 @@ class ResourceMonitor:
             gpu_mem_mean_mib=(sum(g for g, _ in gpu) / len(gpu)) if measured else None,
             cpu_util_peak=max(u for u, _ in cpu) if cpu else None,
             baseline_rss_mib=self._baseline_rss,
-            maxrss_self_mib=_maxrss_mib("RUSAGE_SELF"),
-            maxrss_children_mib=_maxrss_mib("RUSAGE_CHILDREN"),
+            maxrss_self_mib=peak_rss_mib("RUSAGE_SELF"),
+            maxrss_children_mib=peak_rss_mib("RUSAGE_CHILDREN"),
             cpu_count=psutil.cpu_count() or 0,
             monitor_cpu_s=self._monitor_cpu_s,
             missed_slots=self._missed,

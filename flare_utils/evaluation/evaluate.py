@@ -1,20 +1,12 @@
 """Folder-level FLARE22 evaluation: per-case CSV in the official layout and a JSON summary.
 
 ``evaluate_folders(pred_dir, gt_dir, out_dir)`` matches predictions to ground truths by case id
-(file name without .nii.gz/.nii), scores every case with flare_utils.evaluation.metrics in parallel worker
-processes, and writes:
+(file name without .nii.gz/.nii), scores every case with flare_utils.evaluation.metrics in parallel
+worker processes, and writes ``metrics_per_case.csv`` (the official column layout, values not
+rounded unless ``decimals=4``) and ``summary.json`` (per-organ and overall means; NaN and inf
+values are skipped and counted). Both files are written atomically.
 
-* ``metrics_per_case.csv``: ``Name`` (the ground truth's file name, as the official script), then
-  ``<flare_key>_DSC`` for the 13 organs, then ``<flare_key>_NSD`` (then ``<flare_key>_HD95`` when
-  requested), then ``Revision``. Values are not rounded (the official CSV rounds to 4 decimals;
-  pass ``decimals=4`` to do the same).
-* ``summary.json``: revision, number of cases, per-organ mean and std (population, ddof=0) of DSC
-  and NSD (and HD95), keyed by organ name (``per_organ``) and by FLARE key (``per_flare_key``),
-  and the mean DSC / NSD over organs (mean of the per-organ means). Means skip NaN values (they
-  only arise from the official single-slice z-cut corner case; HD95 is NaN where both masks are
-  empty) and count them in ``n_nan``; HD95 means also skip inf and count it in ``n_inf``.
-
-Both files are written atomically (temporary sibling, then os.replace).
+Details: docs/reference/metrics.md
 """
 from __future__ import annotations
 
@@ -28,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from flare_utils.errors import FlareInputError
-from flare_utils.data.io import atomic_write_text, case_id_from_path, read_label_map
+from flare_utils.data.io import atomic_write_text, nifti_by_case, read_label_map
 from flare_utils.data.labels import ORGANS
 from flare_utils.evaluation.metrics import DEFAULT_REVISION, _check_revision, evaluate_case, scores_to_row
 from flare_utils.utilities.parallel import map_processes
@@ -50,15 +42,7 @@ class EvaluationResult:
 def _nifti_files(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise FlareInputError(folder, f"{what} folder does not exist")
-    found: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.startswith(".") or not p.name.endswith((".nii.gz", ".nii")):
-            continue
-        cid = case_id_from_path(p)
-        if cid in found:
-            raise FlareInputError(folder, f"case {cid!r} appears twice ({found[cid].name}, {p.name})")
-        found[cid] = p
-    return found
+    return nifti_by_case(folder)
 
 
 def _fmt_ids(ids: Iterable[str], limit: int = 20) -> str:

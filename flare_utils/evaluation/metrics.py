@@ -1,62 +1,15 @@
 """FLARE22 DSC and NSD per organ, exactly as the official evaluation computes them, but fast.
 
-The official FLARE22 evaluation (``FLARE22_DSC_NSD_Eval.py``) does, for every case and every
-organ label i in 1..13 (arrays in nibabel's (i, j, k) order, spacing = ``header.get_zooms()``):
+`evaluate_case(pred, gt, spacing)` scores the 13 organs of one case by the official script's rules,
+including its z-cut of aorta, IVC and esophagus that drops the last labelled slice
+(`exact_official_zcut=True`, the default) and the NSD revisions "2022" (default) and "2024".
+NSD re-implements DeepMind's surface-distance algorithm on each organ's bounding box with a fast
+EDT and re-decides distances near the tolerance in float64, so it equals the reference up to float
+summation order. Where the official script would fail (a z-cut organ whose ground truth lies in a
+single slice) DSC and NSD are NaN. HD95 is optional (`hd95=True`): NaN when both masks are empty,
+inf when exactly one is.
 
-* gt empty and prediction empty: DSC = NSD = 1; gt empty, prediction not empty: DSC = NSD = 0;
-* otherwise, for aorta (5), IVC (6) and esophagus (10) only, both volumes are first cut to the
-  ground truth's z-range with ``gt[:, :, z_lower:z_upper]`` where z_lower/z_upper are the min/max
-  k index of ``gt == i``. That slice EXCLUDES the last labelled slice (z_upper). We reproduce it
-  deliberately, because the official numbers are computed that way (``exact_official_zcut=True``,
-  the default); ``exact_official_zcut=False`` keeps the last slice (``z_lower:z_upper + 1``).
-  A consequence of the official slice: when the ground truth of such an organ lies in a single
-  slice, the cut volumes have zero slices and the official script stops with an exception
-  (zero-size array in DeepMind's bounding-box code), so no official value exists; we return
-  DSC = NSD = NaN (and HD95 = NaN) for that organ instead of failing, and the summaries count it.
-* DSC = 2|A and B| / (|A| + |B|);
-* NSD = DeepMind's ``compute_surface_dice_at_tolerance(compute_surface_distances(gt, pred,
-  spacing), tolerance)`` with the organ's tolerance (labels.ORGANS[...].nsd_tolerance_mm);
-* revision "2022" (the FLARE22 script, default) always computes NSD; revision "2024" (the later
-  FLARE scripts) sets NSD = 0 without computing it when DSC < 0.2 (NaN < 0.2 is false, so a NaN
-  DSC still gives a NaN NSD, as in the official code).
-
-How it is made fast while staying exact
----------------------------------------
-One ``scipy.ndimage.find_objects`` pass over each label map gives every organ's bounding box;
-each organ is processed on the union of its gt and prediction boxes (after the z-cut), zero-padded
-by one voxel, which is exactly what DeepMind's code does (it crops to the union's bounding box and
-zero-pads), so organs touching the array border behave identically. On that crop we re-implement
-DeepMind's algorithm:
-
-* the 2x2x2 neighbour code of every voxel corner by bit packing (same bit order as DeepMind's
-  correlation kernel ``[[[128, 64], [32, 16]], [[8, 4], [2, 1]]]``), border corners = codes other
-  than 0 and 255, surfel areas from a 256-entry table computed for the spacing with the same
-  arithmetic as ``lookup_tables.create_table_neighbour_code_to_surface_area`` (the normals table
-  itself is read from the installed ``surface-distance`` package, so it is DeepMind's own data);
-* squared distances to the other surface with the ``edt`` library (anisotropic, exact algorithm,
-  float32 arithmetic: relative error of the squared distance about 2e-7, checked against scipy in
-  the tests). Because a float32 distance could fall on the other side of ``<= tolerance`` than
-  scipy's float64 one, every surface point whose squared distance lies within a relative 1e-4 of
-  tolerance**2 is decided again exactly: we look for a border point of the other surface at one of
-  the lattice offsets whose distance, computed in float64 with scipy's own operation order
-  (``sqrt((dx*sx)**2 + (dy*sy)**2 + (dz*sz)**2)``), is ``<= tolerance`` and above the window. So the
-  ``<=`` decisions, and hence NSD, equal the reference's up to float summation order (~1e-15),
-  including exact ties (e.g. 0.2 mm spacing, a 10-voxel gap: 2.0 mm in float64 = the tolerance,
-  while float32 gives 2.0000002; the tests cover such cases).
-  (The only theoretical exception is two different nearest points at the same real distance
-  whose float64 roundings straddle the tolerance; scipy's choice between them is arbitrary.)
-* for NSD alone the two EDTs run only on the region (gt box + tolerance) & (prediction box +
-  tolerance): every distance that can be <= tolerance is exact there, all others are > tolerance,
-  so a far-away false-positive island does not enlarge the EDTs beyond the gt box + tolerance;
-  HD95 needs the whole crop, as DeepMind's;
-* HD95 (``hd95=True``) follows DeepMind's ``compute_robust_hausdorff(..., 95)``: per direction,
-  distances sorted with their surfel areas, the first distance whose cumulative area fraction
-  reaches 0.95, and the max of both directions. Its distances come from the float32 EDT, so HD95
-  agrees with the reference to about 1e-7 relative (1e-6 is tested).
-
-HD95 conventions: both masks empty (organ absent in gt and prediction, or both empty after the
-official z-cut) -> NaN (undefined, excluded from means); exactly one empty -> inf (DeepMind's
-convention). ``OrganScore.hd95`` is None when HD95 was not requested.
+Details: docs/reference/metrics.md
 """
 from __future__ import annotations
 

@@ -1,1 +1,9 @@
-"""Efficient inference: the predictor, its sliding window, resampling, multi-model runs and figures."""
+"""Efficient inference with trained nnU-Net v2 models (the FLARE22 winner's recipe).
+
+`predictor.EfficientPredictor` is the entry point; the other modules are its parts:
+`defaults` (mode and window defaults, no torch), `images` (reading a CT), `resample` (body crop,
+normalisation, resampling both ways), `sliding_window` (window grids and the loop), `onednn`
+(fast CPU convolutions), `folds` (which checkpoints to load), `case_report` (what a case cost),
+`folder` (a whole folder with background I/O), `stage` (the inference stage), `runs`
+(several models on one folder) and `figures` (pictures of the windows that ran).
+"""

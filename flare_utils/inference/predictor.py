@@ -1,31 +1,11 @@
-"""Efficient inference with trained nnU-Net v2 models (the FLARE22 winner's recipe).
+"""`EfficientPredictor`: nnU-Net v2's predictor with the FLARE22 winner's efficient inference.
 
-`EfficientPredictor` is an `nnUNetPredictor` (nnU-Net loads the results folder, builds the
-network from the plans and the checkpoint's trainer, and supplies the Gaussian, the step rule,
-the padding and the mirroring axes); what it changes:
-
-* preprocessing (`flare_utils.inference.resample`): crop to the body (HU > -500 bounding box; see that
-  module), CT normalisation exactly as planned, torch linear resampling slab by slab on the
-  device (GPU when there is one) instead of nnU-Net's scipy cubic resampling;
-* sliding window (`flare_utils.inference.sliding_window`): `mode="efficient"` runs the 3x3 windows per z
-  step, centre first, skipping the 8 neighbours when the centre window predicts fewer than
-  `centre_threshold` foreground voxels (default 1 = "no foreground", the paper's rule);
-  `mode="full"` is nnU-Net's regular tiling through the same code (same windows, same Gaussian,
-  so the same logits as `nnUNetPredictor.predict_sliding_window_return_logits`);
-* several folds are evaluated window by window and their softmax probabilities averaged (the
-  FLARE recipe's ensemble); one fold accumulates logits, as nnU-Net does;
-* no mirroring by default (`tta=True` adds nnU-Net's mirroring over the checkpoint's allowed
-  axes); fp16 autocast on CUDA; optional enforced spacing (`spacing=(z, y, x)`, 3D-CPS's
-  test-time trick: predict at that spacing instead of the plans');
-* on CPU the Conv3d layers call oneDNN directly (`use_onednn_convolutions`: PyTorch's dispatch
-  heuristic runs batch-1 3D convolutions of small networks on its slow im2col path);
-* argmax on the device while the windows stream along z (only one patch of accumulators is kept),
-  then nearest-neighbour resampling of the *label map* (not the probabilities) back into the
-  uncropped original grid, written as uint8 NIfTI with exactly the input's header and affine
-  (temporary file + rename, so no partial file is ever visible). The command line, folder mode and
-  `predict_case(..., return_label=False)` stream it: each plane of the original grid is made from
-  the small network-grid map and compressed straight into the file (`resample.label_planes` ->
-  `io.save_nifti_planes_like`), so no original-size label array is ever allocated.
+nnU-Net loads the results folder and builds the network; this subclass replaces the costly
+parts around it (preprocessing, the sliding window, the way back to the original grid) so a case
+runs in a fraction of nnU-Net's time and memory with the same model. The pieces live beside it:
+`resample` (body crop, normalisation, torch resampling), `sliding_window` (the window grids and
+loop), `images` (reading), `case_report` (what a case cost), `onednn` (fast CPU convolutions),
+and `folder` (a whole folder with background I/O); `flare_utils.api.segment` (and `flare-study predict`) is the one-call entry.
 
 Axis conventions. Files are read with nibabel, voxel order (i, j, k). nnU-Net's readers for NIfTI
 (SimpleITKIO, NibabelIO) give (k, j, i); the plans' `transpose_forward` then permutes that. The
@@ -33,21 +13,6 @@ network grid is the file array permuted accordingly (`PreprocessedCase.perm`), s
 what it saw in training. `spacing=(z, y, x)` is in SimpleITK order (the reversed NIfTI zooms),
 like nnU-Net's plans. The "long axis" (z of the windows) is the network axis of the voxel axis
 most aligned with the patient's head-foot world axis.
-
-Per case a `CaseReport` (dataclass, `to_dict()`, `to_row()`) gives windows evaluated / skipped
-against the grid's full count, equation (2) of the paper (9 per z step) and nnU-Net's full
-sliding-window count; time per phase (read, preprocess, network, resample, write); the summed
-time of the network forward calls; peak RAM; and the `flare_utils.evaluation.efficiency.ResourceMonitor`
-figures. `predict_folder` writes `<out>/efficiency/<case>.json` and `<out>/efficiency/summary.csv`.
-
-Batch inference (`predict_folder`) reads and preprocesses the next case in a background thread and
-resamples + writes the previous one in another, so the network does not wait on I/O; it is
-resumable (cases whose output exists are skipped) and outputs appear atomically. In folder mode
-the phases of neighbouring cases overlap; each case's ResourceMonitor covers its network phase.
-
-CPU notes: on a CPU shared with other jobs, start Python with `OMP_WAIT_POLICY=PASSIVE` (idle
-OpenMP threads then sleep instead of spinning; spinning made 2-thread convolutions up to 20x
-slower in the benchmark), and fewer torch threads may be faster (`torch.set_num_threads`).
 
 Example::
 
@@ -62,110 +27,40 @@ import copy
 import io
 import itertools
 import json
-import os
-import queue
-import resource
-import threading
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
-from flare_utils.utilities.progress import report as report_progress
+from flare_utils.data.io import (atomic_write_json, case_id_from_path, save_nifti, save_nifti_like,
+                                 save_nifti_planes_like)
 from flare_utils.errors import FlareInputError
-from flare_utils.data.io import case_id_from_path, read_nifti, save_nifti_like, save_nifti_planes_like
-from flare_utils.inference.resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape, label_planes,
-                       resample_to_grid, separate_z_axis)
-from flare_utils.inference.sliding_window import (DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP, MODES, SlidingWindowResult, WindowGrid,
-                             make_grid, nnunet_window_count, paper_eq2_count, run_sliding_window)
+from flare_utils.inference.case_report import EFFICIENCY_DIR, CaseReport, resource_monitor
+from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP, MODES
+from flare_utils.inference.folder import predict_folder
+from flare_utils.inference.folds import available_folds, normalise_folds
+from flare_utils.inference.images import StoredImage, long_axis_of_affine, read_image
+from flare_utils.inference.onednn import use_onednn_convolutions
+from flare_utils.inference.resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape,
+                                            label_planes, resample_to_grid, separate_z_axis)
+from flare_utils.inference.sliding_window import (SlidingWindowResult, WindowGrid, make_grid, nnunet_window_count,
+                                                  paper_eq2_count, run_sliding_window)
+from flare_utils.utilities.device import resolve_device
 
-try:  # the project's resource monitor (FLARE22-style sampling); optional
-    from flare_utils.evaluation.efficiency import ResourceMonitor
-except ImportError:  # pragma: no cover
-    ResourceMonitor = None
+# CaseReport (what predict_case returns) and EFFICIENCY_DIR (where reports go) are re-exported for callers
+__all__ = ["EfficientPredictor", "PreprocessedCase", "CaseReport", "EFFICIENCY_DIR"]
 
-__all__ = ["EfficientPredictor", "CaseReport", "PreprocessedCase", "read_image", "list_images", "run_predict",
-           "use_onednn_convolutions",
-           "resolve_device", "EFFICIENCY_DIR", "SUMMARY_CSV"]
-
-EFFICIENCY_DIR = "efficiency"
-SUMMARY_CSV = "summary.csv"
 _SITK_ORDER = (2, 1, 0)       # nnU-Net's NIfTI readers: array axis d = nibabel axis _SITK_ORDER[d]
 _SUPPORTED_READERS = ("SimpleITKIO", "NibabelIO")
-MIB = 1024.0 * 1024.0
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise FlareInputError(None, f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise FlareInputError(None, f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """NIfTI files of a folder (.nii.gz, .nii), sorted; hidden (temporary) files are ignored."""
-    folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and (p.name.endswith(".nii.gz") or p.name.endswith(".nii")))
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading
-
-@dataclass
-class _Image:
-    array: np.ndarray                # stored values, file voxel order (i, j, k)
-    header: Any                      # nibabel header (None for in-memory arrays)
-    affine: np.ndarray
-    zooms: tuple[float, float, float]
-    scale: tuple[float, float]       # (slope, intercept): HU = stored * slope + intercept
-
-
-def read_image(path: str | Path) -> _Image:
-    """Read a 3D NIfTI without converting its values (memory: the stored dtype, e.g. int16)."""
-    path = Path(path)
-    if not path.exists():
-        raise FlareInputError(path, "image file is missing")
-    try:
-        img, arr = read_nifti(path, unscaled=True)
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise FlareInputError(path, f"not a NIfTI image ({type(img).__name__})")
-        dataobj = img.dataobj
-        slope = getattr(dataobj, "slope", 1.0)
-        inter = getattr(dataobj, "inter", 0.0)
-    except FlareInputError:
-        raise
-    except Exception as e:  # nibabel raises many kinds on corrupt/truncated files
-        raise FlareInputError(path, f"unreadable or truncated NIfTI image ({type(e).__name__}: {e})") from e
-    if arr.ndim > 3 and all(s == 1 for s in arr.shape[3:]):
-        arr = arr.reshape(arr.shape[:3])
-    if arr.ndim != 3:
-        raise FlareInputError(path, f"expected a 3D image, got shape {arr.shape}")
-    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
-    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return _Image(arr, img.header, np.asarray(img.affine, float), zooms, (slope, inter))
-
-
-def _long_axis_of_affine(affine: np.ndarray) -> int:
-    """Voxel axis whose direction is most aligned with world z (head-foot)."""
-    m = np.asarray(affine, float)[:3, :3]
-    m = m / np.maximum(np.linalg.norm(m, axis=0, keepdims=True), 1e-12)
-    return int(np.argmax(np.abs(m[2])))
-
-
-# ----------------------------------------------------------------------------------------------
 @dataclass
 class PreprocessedCase:
     """A case on the network grid (cropped, normalised, resampled; not padded)."""
@@ -185,749 +80,6 @@ class PreprocessedCase:
     preprocess_s: float = 0.0
 
 
-@dataclass
-class CaseReport:
-    """What one case cost. Times in s, memory in MiB."""
-    case_id: str
-    input: str | None = None
-    output: str | None = None
-    mode: str = "efficient"
-    folds: list = field(default_factory=list)
-    tta: bool = False
-    device: str = "cpu"
-    centre_threshold: int = DEFAULT_CENTRE_THRESHOLD
-    inplane_step: float = DEFAULT_INPLANE_STEP
-    crop: str = "body"
-    original_shape: list = field(default_factory=list)
-    original_spacing: list = field(default_factory=list)
-    crop_box: list = field(default_factory=list)          # [[lo, hi]] per file axis
-    network_shape: list = field(default_factory=list)
-    padded_shape: list = field(default_factory=list)
-    network_spacing: list = field(default_factory=list)
-    patch_size: list = field(default_factory=list)
-    long_axis: int = 0
-    z_steps: int = 0
-    windows_evaluated: int = 0
-    windows_skipped: int = 0
-    windows_grid: int = 0              # distinct windows of this mode's grid (3x3 per z step, deduplicated)
-    windows_paper_eq2: int = 0         # 9 per z step (the paper's equation (2))
-    windows_nnunet_full: int = 0       # nnU-Net's full sliding window (step 0.5) on the same grid
-    centres_with_foreground: int = 0
-    time_read_s: float = 0.0
-    time_preprocess_s: float = 0.0
-    time_network_s: float = 0.0        # the whole sliding-window loop
-    network_forward_s: float = 0.0     # summed forward calls of the evaluated windows
-    time_resample_s: float = 0.0
-    time_write_s: float = 0.0
-    total_s: float = 0.0
-    peak_rss_mib: float | None = None
-    maxrss_mib: float | None = None    # ru_maxrss of the process (lifetime peak)
-    efficiency: dict | None = None     # ResourceMonitor.result.to_dict()
-    windows: list = field(default_factory=list)   # WindowRecord dicts (for pictures)
-    skipped_existing: bool = False
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), default=_json_default))
-
-    def to_row(self) -> dict[str, Any]:
-        d = self.to_dict()
-        d.pop("windows")
-        eff = d.pop("efficiency") or {}
-        for k in ("cpu_util_mean", "cpu_auc", "gpu_mem_peak_mib", "gpu_auc", "wall_s"):
-            if k in eff:
-                d[f"monitor_{k}"] = eff[k]
-        for k in ("original_shape", "original_spacing", "crop_box", "network_shape", "padded_shape",
-                  "network_spacing", "patch_size", "folds"):
-            d[k] = json.dumps(d[k])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CaseReport":
-        names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (Path, torch.device)):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def _monitor(enabled: bool):
-    """ResourceMonitor when available (and enabled), else a stand-in with result None."""
-    if enabled and ResourceMonitor is not None:
-        with ResourceMonitor(interval=0.1) as mon:
-            yield mon
-    else:
-        yield SimpleNamespace(result=None)
-
-
-def normalise_folds(folds) -> tuple | None:
-    """Folds as a tuple of ints and/or 'all' (None stays None); bad values are FlareInputErrors."""
-    if folds is None:
-        return None
-    if isinstance(folds, (str, int)):
-        folds = [folds]
-    out = []
-    for f in folds:
-        if isinstance(f, str) and f != "all":
-            if not f.isdigit():
-                raise FlareInputError(None, f"fold {f!r} is not an integer or 'all'")
-            f = int(f)
-        out.append(f)
-    if not out:
-        raise FlareInputError(None, "no folds given")
-    return tuple(out)
-
-
-# ----------------------------------------------------------------------------------------------
-def _onednn_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
-        return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
-                                        self.groups)
-    return self._conv_forward(x, self.weight, self.bias)
-
-
-def use_onednn_convolutions(net: torch.nn.Module) -> int:
-    """Route the network's Conv3d layers straight to oneDNN (`torch.mkldnn_convolution`) on CPU.
-
-    PyTorch's CPU dispatch sends a convolution to oneDNN only when, among other rules, the batch is
-    > 1 or N*C*D*H > 20480 (a heuristic written for 2D); batch-1 sliding-window patches of small 3D
-    networks therefore run the slow im2col path (`slow_conv3d`), about 8x slower for the project's
-    demo network. Results agree to float32 rounding. Returns the number of layers patched.
-    """
-    import types
-    if not torch.backends.mkldnn.is_available():
-        return 0
-    n = 0
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv3d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-            m.forward = types.MethodType(_onednn_conv_forward, m)
-            n += 1
-    return n
-
-
-def _nnunet_predictor_base():
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    return nnUNetPredictor
-
-
-def _make_class():
-    base = _nnunet_predictor_base()
-
-    class EfficientPredictor(base):
-        __doc__ = _PREDICTOR_DOC
-
-        def __init__(self, mode: str = "efficient", device: str | torch.device = "auto", tta: bool = False,
-                     centre_threshold: int = DEFAULT_CENTRE_THRESHOLD, step_size: float = 0.5,
-                     inplane_step: float = DEFAULT_INPLANE_STEP, spacing: Sequence[float] | None = None,
-                     crop: str = "body",
-                     body_threshold_hu: float = DEFAULT_BODY_HU, batch_size: int | None = None,
-                     fp16: bool = True, monitor: bool = True, onednn: bool | None = None,
-                     verbose: bool = False):
-            if mode not in MODES:
-                raise FlareInputError(None, f"mode must be one of {MODES}, got {mode!r}")
-            if crop not in CROP_MODES:
-                raise FlareInputError(None, f"crop must be one of {CROP_MODES}, got {crop!r}")
-            if not 0 < step_size <= 1 or not 0 < inplane_step <= 1:
-                raise FlareInputError(None, "step_size and inplane_step must be in (0, 1]")
-            if int(centre_threshold) < 0:
-                raise FlareInputError(None, f"centre_threshold must be >= 0, got {centre_threshold}")
-            if spacing is not None:
-                spacing = tuple(float(s) for s in spacing)
-                if len(spacing) != 3 or any(not s > 0 for s in spacing):
-                    raise FlareInputError(None, f"spacing must be three positive numbers (z y x), got {spacing}")
-            dev = resolve_device(device)
-            with contextlib.redirect_stdout(io.StringIO()):
-                super().__init__(tile_step_size=step_size, use_gaussian=True, use_mirroring=bool(tta),
-                                 perform_everything_on_device=dev.type == "cuda", device=dev,
-                                 verbose=verbose, verbose_preprocessing=False, allow_tqdm=False)
-            self.mode, self.tta = mode, bool(tta)
-            self.centre_threshold = int(centre_threshold)
-            self.inplane_step = float(inplane_step)
-            self.enforced_spacing = spacing
-            self.crop, self.body_threshold_hu = crop, float(body_threshold_hu)
-            self.batch_size = int(batch_size) if batch_size else (4 if dev.type == "cuda" else 1)
-            self.fp16 = bool(fp16)
-            self.monitor = bool(monitor)
-            self.onednn = dev.type == "cpu" if onednn is None else bool(onednn) and dev.type == "cpu"
-            self.networks: list[torch.nn.Module] = []
-            self.folds: tuple = ()
-            self.model_dir: Path | None = None
-
-        # -- loading ---------------------------------------------------------------------------
-        @classmethod
-        def from_results_folder(cls, model_dir: str | Path, folds=(0,), checkpoint: str = "checkpoint_final.pth",
-                                **kwargs) -> "EfficientPredictor":
-            """Load a trained nnU-Net v2 results folder (`.../Trainer__Plans__3d_fullres`).
-
-            folds: one fold (0), several ((0, 1, 2): ensemble, softmax averaged), "all", or None
-            (every fold_N with the checkpoint). Other keyword arguments go to the constructor.
-            """
-            p = cls(**kwargs)
-            p.initialize_from_trained_model_folder(str(model_dir), folds, checkpoint)
-            return p
-
-        def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
-                                                 checkpoint_name: str = "checkpoint_final.pth"):
-            model_dir = Path(model_training_output_dir)
-            if not model_dir.is_dir():
-                raise FlareInputError(model_dir, "model folder not found (expected an nnU-Net v2 results folder "
-                                                 "such as .../nnUNetTrainer__nnUNetPlans__3d_fullres)")
-            for f in ("plans.json", "dataset.json"):
-                if not (model_dir / f).is_file():
-                    raise FlareInputError(model_dir, f"not an nnU-Net v2 results folder: {f} is missing")
-            use_folds = normalise_folds(use_folds)
-            available = sorted(p.name for p in model_dir.glob("fold_*") if (p / checkpoint_name).is_file())
-            if use_folds is None:
-                use_folds = tuple(int(n[5:]) for n in available if n[5:].isdigit())
-                if not use_folds:
-                    raise FlareInputError(model_dir, f"no fold_N/{checkpoint_name} found")
-            for f in use_folds:
-                if not (model_dir / f"fold_{f}" / checkpoint_name).is_file():
-                    raise FlareInputError(model_dir / f"fold_{f}" / checkpoint_name,
-                                          f"checkpoint missing (folds with {checkpoint_name}: "
-                                          f"{', '.join(available) or 'none'})")
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    super().initialize_from_trained_model_folder(str(model_dir), use_folds, checkpoint_name)
-            except Exception as first:
-                # nnU-Net could not find the checkpoint's trainer class by name (e.g. a project trainer
-                # that was not registered with nnU-Net): build the network ourselves.
-                try:
-                    self._load_without_trainer_lookup(model_dir, use_folds, checkpoint_name)
-                except Exception as e:
-                    raise FlareInputError(model_dir, f"could not load the model ({type(first).__name__}: {first}; "
-                                                     f"{type(e).__name__}: {e})") from e
-            self._check_supported(model_dir)
-            self.networks = []
-            for params in self.list_of_parameters:
-                net = copy.deepcopy(self.network)
-                net.load_state_dict(params)
-                self.networks.append(net.to(self.device).eval())
-            self.network.load_state_dict(self.list_of_parameters[0])
-            self.network = self.network.to(self.device).eval()
-            if self.onednn:
-                for net in (*self.networks, self.network):
-                    use_onednn_convolutions(net)
-            self.folds = tuple(use_folds)
-            self.model_dir = model_dir
-
-        def _load_without_trainer_lookup(self, model_dir: Path, folds, checkpoint_name: str) -> None:
-            """Like nnU-Net's loader, but the trainer class comes from flare_utils.training (without
-            registering anything) or, failing that, the stock nnUNetTrainer builds the plans' network."""
-            from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-            from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-            from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-            dataset_json = json.loads((model_dir / "dataset.json").read_text())
-            plans_manager = PlansManager(json.loads((model_dir / "plans.json").read_text()))
-            params, first = [], None
-            for f in folds:
-                ck = torch.load(model_dir / f"fold_{f}" / checkpoint_name, map_location="cpu", weights_only=False)
-                first = first or ck
-                params.append(ck["network_weights"])
-            trainer_name = first["trainer_name"]
-            trainer_cls = nnUNetTrainer
-            try:
-                from flare_utils.training.registry import trainer_classes
-                trainer_cls = trainer_classes().get(trainer_name, nnUNetTrainer)
-            except Exception:
-                pass
-            cm = plans_manager.get_configuration(first["init_args"]["configuration"])
-            n_in = determine_num_input_channels(plans_manager, cm, dataset_json)
-            n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-            net = trainer_cls.build_network_architecture(plans_manager, cm, n_in, n_out, enable_deep_supervision=False)
-            net.load_state_dict(params[0])
-            self.manual_initialization(net, plans_manager, cm, params, dataset_json, trainer_name,
-                                       first.get("inference_allowed_mirroring_axes"))
-
-        def _check_supported(self, model_dir: Path) -> None:
-            cm, pm = self.configuration_manager, self.plans_manager
-            if len(cm.patch_size) != 3:
-                raise FlareInputError(model_dir, f"only 3D configurations are supported (patch {cm.patch_size})")
-            if cm.previous_stage_name is not None:
-                raise FlareInputError(model_dir, "cascade (lowres -> fullres) models are not supported")
-            if len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {}))) != 1:
-                raise FlareInputError(model_dir, "only single-channel (CT) models are supported")
-            if self.label_manager.has_regions:
-                raise FlareInputError(model_dir, "region-based models are not supported")
-            rw = pm.plans.get("image_reader_writer", "SimpleITKIO")
-            if rw not in _SUPPORTED_READERS:
-                raise FlareInputError(model_dir, f"image reader {rw} is not supported ({_SUPPORTED_READERS})")
-
-        @property
-        def patch_size(self) -> tuple[int, int, int]:
-            return tuple(int(p) for p in self.configuration_manager.patch_size)
-
-        @property
-        def num_classes(self) -> int:
-            return int(self.label_manager.num_segmentation_heads)
-
-        def _require_model(self) -> None:
-            if not self.networks:
-                raise RuntimeError("no model loaded: use EfficientPredictor.from_results_folder(...)")
-
-        # -- geometry --------------------------------------------------------------------------
-        def _perm(self) -> tuple[int, int, int]:
-            tf = list(self.plans_manager.transpose_forward)
-            return tuple(_SITK_ORDER[t] for t in tf)
-
-        def target_spacing(self) -> tuple[float, float, float]:
-            """Network spacing in network axis order (plans' or the enforced one)."""
-            if self.enforced_spacing is not None:
-                return tuple(self.enforced_spacing[t] for t in self.plans_manager.transpose_forward)
-            return tuple(float(s) for s in self.configuration_manager.spacing)
-
-        # -- preprocessing ---------------------------------------------------------------------
-        def preprocess(self, image: str | Path | np.ndarray, spacing: Sequence[float] | None = None,
-                       affine: np.ndarray | None = None, case_id: str | None = None) -> PreprocessedCase:
-            """Read (path) or take (array in file order (i, j, k) with `spacing` = its zooms) an image
-            and put it on the network grid."""
-            self._require_model()
-            t0 = time.perf_counter()
-            if isinstance(image, (str, Path)):
-                img = read_image(image)
-                source, cid = str(image), case_id or case_id_from_path(image, channel_suffix=True)
-            else:
-                arr = np.asarray(image)
-                if arr.ndim != 3:
-                    raise FlareInputError(None, f"expected a 3D array, got shape {arr.shape}")
-                if spacing is None:
-                    raise FlareInputError(None, "spacing is needed for an in-memory array")
-                zooms = tuple(float(s) for s in spacing)
-                aff = np.diag([*zooms, 1.0]) if affine is None else np.asarray(affine, float)
-                img = _Image(arr, None, aff, zooms, (1.0, 0.0))
-                source, cid = None, case_id or "array"
-            read_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            perm = self._perm()
-            crop = body_bbox(img.array, self.crop, self.body_threshold_hu, scale=img.scale)
-            view = img.array[crop].transpose(perm)
-            in_spacing = tuple(img.zooms[a] for a in perm)
-            target = self.target_spacing()
-            new_shape = compute_new_shape(view.shape, in_spacing, target)
-            new_shape = tuple(max(1, s) for s in new_shape)
-            long_axis = perm.index(_long_axis_of_affine(img.affine))
-            sep = separate_z_axis(in_spacing, target)
-            slab_axis = sep if sep is not None else long_axis
-            data = self._normalise_and_resample(view, new_shape, slab_axis, sep is not None, img.scale)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            pre_s = time.perf_counter() - t1
-            return PreprocessedCase(cid, data[None], perm, long_axis, tuple(float(t) for t in target), in_spacing,
-                                    tuple(int(s) for s in img.array.shape), img.zooms, crop, img.header,
-                                    img.affine, source, read_s, pre_s)
-
-        def _normalise_and_resample(self, view, new_shape, slab_axis, nearest_slab_axis, scale) -> torch.Tensor:
-            schemes = list(self.configuration_manager.normalization_schemes)
-            props = self.plans_manager.foreground_intensity_properties_per_channel
-            if schemes == ["CTNormalization"]:
-                norm = CTNormalizer(props.get("0", props.get(0)), scale)
-                return resample_to_grid(view, new_shape, slab_axis=slab_axis,
-                                        slab_axis_mode="nearest-exact" if nearest_slab_axis else "linear",
-                                        normalize=norm, device=self.device)
-            # other schemes (not pointwise, e.g. z-score): nnU-Net's class on the whole float32 crop
-            from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import \
-                get_normalization_scheme
-            cls = get_normalization_scheme(schemes[0])
-            data = np.asarray(view, dtype=np.float32) * scale[0] + scale[1]
-            use_mask = bool(self.configuration_manager.use_mask_for_norm[0])
-            seg = np.where(data != 0, 0, -1).astype(np.int8) if use_mask else None
-            data = cls(use_mask_for_norm=use_mask, intensityproperties=props.get("0", props.get(0)) or {}).run(
-                data, seg)
-            return resample_to_grid(data, new_shape, slab_axis=slab_axis,
-                                    slab_axis_mode="nearest-exact" if nearest_slab_axis else "linear",
-                                    normalize=None, device=self.device)
-
-        # -- network ---------------------------------------------------------------------------
-        def _mirror_predict(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-            """nnU-Net's mirroring TTA (`_internal_maybe_mirror_and_predict`) for one network."""
-            y = net(x)
-            axes = self.allowed_mirroring_axes if self.tta else None
-            if axes:
-                axes = [m + 2 for m in axes]
-                combos = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
-                for c in combos:
-                    y = y + torch.flip(net(torch.flip(x, c)), c)
-                y = y / (len(combos) + 1)
-            return y
-
-        def _forward_with(self, networks: Sequence[torch.nn.Module]):
-            use_amp = self.device.type == "cuda" and self.fp16
-
-            def forward(x: torch.Tensor) -> torch.Tensor:
-                with torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext():
-                    out = None
-                    for net in networks:
-                        y = self._mirror_predict(net, x).float()
-                        if len(networks) > 1:
-                            y = torch.softmax(y, 1)
-                        out = y if out is None else out + y
-                    if len(networks) > 1:
-                        out = out / len(networks)
-                return out
-            return forward
-
-        def _gaussian(self) -> torch.Tensor:
-            from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-            # nnU-Net's map (fp16, max 10), as float32
-            return compute_gaussian(self.patch_size, sigma_scale=1. / 8, value_scaling_factor=10,
-                                    dtype=torch.float16, device=self.device).float()
-
-        def make_grid(self, shape: Sequence[int], long_axis: int = 0, mode: str | None = None) -> WindowGrid:
-            """Window grid of `mode` (default: the predictor's) for an unpadded network shape."""
-            padded = tuple(max(int(s), p) for s, p in zip(shape, self.patch_size))
-            return make_grid(mode or self.mode, padded, self.patch_size, long_axis, self.tile_step_size,
-                             self.inplane_step)
-
-        @torch.inference_mode()
-        def predict_preprocessed(self, data: torch.Tensor, long_axis: int = 0, *, mode: str | None = None,
-                                 keep_logits: bool = False, networks: Sequence[torch.nn.Module] | None = None
-                                 ) -> tuple[torch.Tensor, SlidingWindowResult, WindowGrid]:
-            """Sliding window on preprocessed data (1, *shape): (labels on the device, unpadded;
-            the loop's result (records, times, logits when keep_logits, padded); the grid)."""
-            from acvl_utils.cropping_and_padding.padding import pad_nd_image
-            self._require_model()
-            data = data.to(self.device)
-            padded, revert = pad_nd_image(data, self.patch_size, "constant", {"value": 0}, True, None)
-            grid = make_grid(mode or self.mode, padded.shape[1:], self.patch_size, long_axis, self.tile_step_size,
-                             self.inplane_step)
-            res = run_sliding_window(padded, grid, self._forward_with(networks or self.networks), self.num_classes,
-                                     self._gaussian(), self.centre_threshold, keep_logits=keep_logits,
-                                     batch_size=self.batch_size)
-            labels = res.labels[tuple(revert[1:])]
-            if res.logits is not None:
-                res.logits = res.logits[(slice(None), *revert[1:])]
-            return labels, res, grid
-
-        @torch.inference_mode()
-        def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
-            """nnU-Net's seam: logits of `self.network` with this predictor's windows (so nnU-Net's own
-            pipelines, e.g. `predict_from_files`, run the efficient grid too)."""
-            self.network = self.network.to(self.device).eval()
-            _, res, _ = self.predict_preprocessed(input_image, 0, keep_logits=True, networks=[self.network])
-            return res.logits
-
-        # -- back to the original grid ---------------------------------------------------------
-        def labels_to_original(self, labels: torch.Tensor, pre: PreprocessedCase) -> np.ndarray:
-            """Nearest-neighbour resampling of network-grid labels into the uncropped file grid (uint8): the
-            planes the streamed writer gets (`label_planes`), gathered into one array."""
-            # Fortran order: NIfTI's voxel order, so the writer streams the array without a transposed copy
-            out = np.empty(pre.shape, dtype=self._label_dtype(), order="F")
-            for k, plane in enumerate(label_planes(labels, pre.shape, pre.crop, pre.perm, out.dtype)):
-                out[:, :, k] = plane.T
-            return out
-
-        # -- one case --------------------------------------------------------------------------
-        def _report(self, pre: PreprocessedCase, res: SlidingWindowResult, grid: WindowGrid, labels_shape) -> CaseReport:
-            starts = grid.long_starts
-            return CaseReport(
-                case_id=pre.case_id, input=pre.source, mode=self.mode, folds=list(self.folds), tta=self.tta,
-                device=str(self.device), centre_threshold=self.centre_threshold,
-                inplane_step=self.inplane_step, crop=self.crop,
-                original_shape=list(pre.shape), original_spacing=list(pre.zooms),
-                crop_box=[[s.start, s.stop] for s in pre.crop], network_shape=list(labels_shape),
-                padded_shape=list(grid.shape), network_spacing=list(pre.network_spacing),
-                patch_size=list(self.patch_size), long_axis=pre.long_axis, z_steps=len(starts),
-                windows_evaluated=res.n_evaluated, windows_skipped=res.n_skipped, windows_grid=grid.n_total,
-                windows_paper_eq2=paper_eq2_count(grid.shape, grid.patch, grid.long_axis, self.tile_step_size),
-                windows_nnunet_full=nnunet_window_count(grid.shape, grid.patch, self.tile_step_size),
-                centres_with_foreground=sum(1 for r in res.records if r.role == "centre" and r.foreground
-                                            and r.foreground >= max(1, self.centre_threshold)),
-                time_read_s=pre.read_s, time_preprocess_s=pre.preprocess_s, time_network_s=res.loop_s,
-                network_forward_s=res.forward_s, windows=res.records_as_dicts())
-
-        def _network_phase(self, pre: PreprocessedCase):
-            labels, res, grid = self.predict_preprocessed(pre.data, pre.long_axis)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            return labels, self._report(pre, res, grid, labels.shape)
-
-        def _write(self, label: np.ndarray, pre: PreprocessedCase, output: Path) -> None:
-            if pre.header is not None:
-                ref = SimpleNamespace(header=pre.header)
-                save_nifti_like(label, ref, output)
-            else:
-                from flare_utils.data.io import save_nifti
-                save_nifti(label, pre.affine, output)
-
-        def write_labels(self, labels: torch.Tensor, pre: PreprocessedCase, output: Path, rep: CaseReport,
-                         label: np.ndarray | None = None) -> None:
-            """Network-grid labels -> the original grid -> `output`, plane by plane (no original-size array:
-            `label_planes` feeds `save_nifti_planes_like`). `label`: the original-grid map when the caller
-            already has it; it, and in-memory inputs (no header), are written whole. Sets the report's
-            resample and write times and output."""
-            t_all = time.perf_counter()
-            if label is None and pre.header is not None:
-                spent = [0.0]
-                planes = _timed(label_planes(labels, pre.shape, pre.crop, pre.perm, self._label_dtype()), spent)
-                save_nifti_planes_like(planes, pre.shape, self._label_dtype(), SimpleNamespace(header=pre.header),
-                                       output)
-                rep.time_resample_s = spent[0]
-                rep.time_write_s = time.perf_counter() - t_all - spent[0]
-            else:
-                if label is None:
-                    label = self.labels_to_original(labels, pre)
-                    rep.time_resample_s = time.perf_counter() - t_all
-                t0 = time.perf_counter()
-                self._write(label, pre, output)
-                rep.time_write_s = time.perf_counter() - t0
-            rep.output = str(output)
-
-        def _label_dtype(self):
-            return np.uint8 if self.num_classes <= 255 else np.int16
-
-        def predict_case(self, image: str | Path | np.ndarray, output: str | Path | None = None, *,
-                         spacing: Sequence[float] | None = None, affine: np.ndarray | None = None,
-                         case_id: str | None = None, report_dir: str | Path | None = None,
-                         return_label: bool = True) -> tuple[np.ndarray | None, CaseReport]:
-            """Segment one image (a NIfTI path, or an (i, j, k) array with `spacing`).
-
-            Returns the uint8 label map on the input grid and the CaseReport. With `output` the label
-            map is written there (NIfTI with the input's exact header/affine). With `report_dir` the
-            report is written to `<report_dir>/<case>.json`. With `output` and `return_label=False`
-            the label map is streamed to the file plane by plane and never held whole (less memory
-            and time; None is returned in its place).
-            """
-            self._require_model()
-            t_all = time.perf_counter()
-            with _monitor(self.monitor) as mon:
-                pre = self.preprocess(image, spacing, affine, case_id)
-                labels, rep = self._network_phase(pre)
-                label = None
-                if return_label or output is None:
-                    t0 = time.perf_counter()
-                    label = self.labels_to_original(labels, pre)
-                    rep.time_resample_s = time.perf_counter() - t0
-                if output is not None:
-                    self.write_labels(labels, pre, Path(output), rep, label)
-                del labels
-            rep.total_s = time.perf_counter() - t_all
-            self._finish_report(rep, mon)
-            if report_dir is not None:
-                _atomic_text(Path(report_dir) / f"{rep.case_id}.json", json.dumps(rep.to_dict(), indent=1))
-            return label, rep
-
-        @staticmethod
-        def _finish_report(rep: CaseReport, mon) -> None:
-            res = getattr(mon, "result", None)
-            if res is not None:
-                rep.efficiency = res.to_dict()
-                rep.peak_rss_mib = float(res.peak_rss_mib)
-            rep.maxrss_mib = _maxrss_mib()
-
-        # -- a folder --------------------------------------------------------------------------
-        def predict_folder(self, in_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-                           prefetch: int = 1, on_error: str = "raise", files: Sequence[str | Path] | None = None):
-            """Segment every NIfTI of `in_dir` into `out_dir/<case>.nii.gz` (case id without _0000).
-
-            Background threads read/preprocess the next case and resample/write the previous one.
-            Cases whose output exists are skipped (unless `overwrite`), so an interrupted run resumes;
-            outputs and reports are written atomically. on_error: "raise" (stop at the first bad
-            case, after finishing the cases in flight) or "skip" (record the error and go on).
-            Returns a pandas DataFrame (one row per case, `CaseReport.to_row()`); per-case JSON in
-            `<out>/efficiency/<case>.json`, the table in `<out>/efficiency/summary.csv`, and the run's
-            totals in `<out>/efficiency/run.json`.
-            """
-            import pandas as pd
-            self._require_model()
-            if on_error not in ("raise", "skip"):
-                raise FlareInputError(None, f"on_error must be 'raise' or 'skip', got {on_error!r}")
-            in_dir, out_dir = Path(in_dir), Path(out_dir)
-            if files is None:
-                if not in_dir.is_dir():
-                    raise FlareInputError(in_dir, "input folder not found")
-                files = list_images(in_dir)
-                if not files:
-                    raise FlareInputError(in_dir, "no NIfTI images (.nii.gz, .nii) in the input folder")
-            files = [Path(f) for f in files]
-            ids = [case_id_from_path(f, channel_suffix=True) for f in files]
-            dup = sorted({i for i in ids if ids.count(i) > 1})
-            if dup:
-                raise FlareInputError(in_dir, f"several images map to the same case id: {dup}")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            eff_dir = out_dir / EFFICIENCY_DIR
-            _remove_stale_temporaries(out_dir)
-            _remove_stale_temporaries(eff_dir)
-            jobs = [(f, cid, out_dir / f"{cid}.nii.gz") for f, cid in zip(files, ids)]
-            todo = [j for j in jobs if overwrite or not j[2].exists()]
-            reports: dict[str, CaseReport] = {}
-            for f, cid, out in jobs:
-                if (f, cid, out) in todo:
-                    continue
-                js = eff_dir / f"{cid}.json"
-                rep = CaseReport.from_dict(json.loads(js.read_text())) if js.is_file() else CaseReport(cid, str(f))
-                rep.skipped_existing = True
-                rep.output = str(out)
-                reports[cid] = rep
-
-            t_run = time.perf_counter()
-            errors: list[tuple[str, BaseException]] = []
-            stop = threading.Event()
-            q_in: queue.Queue = queue.Queue(maxsize=max(1, int(prefetch)))
-            q_out: queue.Queue = queue.Queue(maxsize=1)
-            _END = object()
-
-            def reader():
-                try:
-                    for f, cid, out in todo:
-                        if stop.is_set():
-                            break
-                        try:
-                            item = (f, cid, out, self.preprocess(f, case_id=cid), None)
-                        except Exception as e:  # reported by the main thread
-                            item = (f, cid, out, None, e)
-                        q_in.put(item)
-                finally:
-                    q_in.put(_END)
-
-            def writer():
-                while True:
-                    item = q_out.get()
-                    if item is _END:
-                        return
-                    f, cid, out, pre, labels, rep = item
-                    try:
-                        self.write_labels(labels, pre, out, rep)
-                        del labels
-                        rep.total_s = (rep.time_read_s + rep.time_preprocess_s + rep.time_network_s
-                                       + rep.time_resample_s + rep.time_write_s)
-                        _atomic_text(eff_dir / f"{cid}.json", json.dumps(rep.to_dict(), indent=1))
-                    except Exception as e:
-                        rep.error = f"{type(e).__name__}: {e}"
-                        errors.append((cid, e))
-                        if on_error == "raise":
-                            stop.set()
-                    reports[cid] = rep
-                    report_progress(f"inference {out_dir.name}: cases", len(reports), len(jobs))
-
-            t_r = threading.Thread(target=reader, name="flare-prefetch", daemon=True)
-            t_w = threading.Thread(target=writer, name="flare-writer", daemon=True)
-            t_r.start()
-            t_w.start()
-            try:
-                while True:
-                    item = q_in.get()
-                    if item is _END:
-                        break
-                    f, cid, out, pre, err = item
-                    if err is not None or stop.is_set():
-                        if err is not None:
-                            errors.append((cid, err))
-                            reports[cid] = CaseReport(cid, str(f), error=f"{type(err).__name__}: {err}")
-                            if on_error == "raise":
-                                stop.set()
-                        continue
-                    try:
-                        with _monitor(self.monitor) as mon:
-                            labels, rep = self._network_phase(pre)
-                        self._finish_report(rep, mon)
-                    except Exception as e:
-                        errors.append((cid, e))
-                        reports[cid] = CaseReport(cid, str(f), error=f"{type(e).__name__}: {e}")
-                        if on_error == "raise":
-                            stop.set()
-                        continue
-                    pre.data = None          # free the network-grid image before the write
-                    q_out.put((f, cid, out, pre, labels, rep))
-            finally:
-                stop_needed = bool(errors) and on_error == "raise"
-                if stop_needed:
-                    stop.set()
-                # drain the reader so it can finish
-                while t_r.is_alive():
-                    try:
-                        q_in.get(timeout=0.1)
-                    except queue.Empty:
-                        pass
-                q_out.put(_END)
-                t_w.join()
-            wall = time.perf_counter() - t_run
-
-            rows = [reports[cid].to_row() for _, cid, _ in jobs if cid in reports]
-            df = pd.DataFrame(rows)
-            eff_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_text(eff_dir / SUMMARY_CSV, df.to_csv(index=False))
-            done = [r for r in reports.values() if not r.skipped_existing and r.error is None]
-            _atomic_text(eff_dir / "run.json", json.dumps({
-                "cases": len(jobs), "predicted": len(done),
-                "skipped_existing": sum(r.skipped_existing for r in reports.values()),
-                "errors": {cid: str(e) for cid, e in errors}, "wall_s": wall,
-                "network_s": sum(r.time_network_s for r in done),
-                "maxrss_mib": _maxrss_mib(), "mode": self.mode, "folds": list(self.folds), "tta": self.tta,
-                "device": str(self.device)}, indent=1, default=_json_default))
-            df.attrs["wall_s"] = wall
-            if errors and on_error == "raise":
-                cid, e = errors[0]
-                if isinstance(e, FlareInputError):
-                    raise e
-                raise RuntimeError(f"case {cid}: {type(e).__name__}: {e}") from e
-            return df
-
-    return EfficientPredictor
-
-
-def run_predict(model_dir: str | Path, input: str | Path, output: str | Path, *, folds=("0",),
-                mode: str = "efficient", tta: bool = False, device: str = "auto",
-                spacing: Sequence[float] | None = None, centre_threshold: int = DEFAULT_CENTRE_THRESHOLD,
-                inplane_step: float = DEFAULT_INPLANE_STEP, overwrite: bool = False, keep_going: bool = False,
-                checkpoint: str = "checkpoint_final.pth", log=print) -> int:
-    """`flare-study predict`: a NIfTI file or a folder in, NIfTI out. Returns the exit status.
-
-    A file goes to `output` when that ends in .nii/.nii.gz, else to `output/<case>.nii.gz`; its report
-    to `<output folder>/efficiency/<case>.json`. A folder goes through `predict_folder` (resumable).
-    """
-    model_dir, input, output = Path(model_dir), Path(input), Path(output)
-    if not input.exists():
-        raise FlareInputError(input, "input image or folder not found")
-    folds = list(folds) if not isinstance(folds, str) else [folds]
-    folds = "all" if folds == ["all"] else folds
-    p = _get_class().from_results_folder(model_dir, folds=folds, checkpoint=checkpoint, mode=mode, tta=tta,
-                                         device=device, spacing=spacing, centre_threshold=centre_threshold,
-                                         inplane_step=inplane_step)
-    if input.is_dir():
-        df = p.predict_folder(input, output, overwrite=overwrite, on_error="skip" if keep_going else "raise")
-        n_err = int(df["error"].notna().sum()) if "error" in df else 0
-        n_skip = int(df["skipped_existing"].sum()) if "skipped_existing" in df else 0
-        log(f"{len(df) - n_skip - n_err} case(s) predicted, {n_skip} already done, {n_err} failed -> {output} "
-            f"(reports: {output / EFFICIENCY_DIR / SUMMARY_CSV}; {df.attrs.get('wall_s', 0):.1f} s)")
-        return 1 if n_err else 0
-    target = output if output.name.endswith((".nii.gz", ".nii")) else \
-        output / f"{case_id_from_path(input, channel_suffix=True)}.nii.gz"
-    if target.exists() and not overwrite:
-        log(f"{target} exists: skipped (use --overwrite)")
-        return 0
-    _, rep = p.predict_case(input, target, report_dir=target.parent / EFFICIENCY_DIR, return_label=False)
-    log(f"{target}: {rep.windows_evaluated}/{rep.windows_grid} windows ({rep.windows_nnunet_full} in nnU-Net's "
-        f"full sliding window), {rep.total_s:.2f} s, peak RAM {rep.peak_rss_mib or rep.maxrss_mib:.0f} MiB")
-    return 0
-
-
 def _timed(items, spent: list):
     """Yield from `items`, adding the time spent producing them to spent[0]."""
     it = iter(items)
@@ -942,43 +94,440 @@ def _timed(items, spent: list):
         yield x
 
 
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Temporary files left by an interrupted atomic write (`.<name>.<hex>.tmp*`)."""
-    if not folder.is_dir():
-        return
-    for p in folder.iterdir():
-        if p.name.startswith(".") and ".tmp" in p.name and p.is_file():
+class EfficientPredictor(nnUNetPredictor):
+    """nnU-Net's `nnUNetPredictor` with the FLARE22 winner's efficient inference.
+
+    nnU-Net loads the results folder, builds the network from the plans and the checkpoint's
+    trainer, and supplies the Gaussian, the step rule, the padding and the mirroring axes. What
+    this class changes:
+
+    * preprocessing (`resample`): crop to the body (HU > `body_threshold_hu` bounding box), CT
+      normalisation exactly as planned, torch linear resampling slab by slab on the device instead
+      of nnU-Net's scipy cubic resampling;
+    * sliding window (`sliding_window`): `mode="efficient"` runs 3x3 windows per z step, centre
+      first, and skips the 8 neighbours when the centre window predicts fewer than
+      `centre_threshold` foreground voxels (1 = the paper's "no foreground"; 0 = never skip);
+      `mode="full"` is nnU-Net's regular tiling through the same code (the same logits as
+      `nnUNetPredictor.predict_sliding_window_return_logits`);
+    * several folds are evaluated window by window and their softmax probabilities averaged (the
+      FLARE recipe's ensemble); one fold accumulates logits, as nnU-Net does;
+    * no mirroring by default (`tta=True` adds nnU-Net's mirroring over the checkpoint's allowed
+      axes); fp16 autocast on CUDA (`fp16`); on CPU the Conv3d layers call oneDNN directly
+      (`onednn`, default on for CPU; see `use_onednn_convolutions`);
+    * argmax on the device while the windows stream along z, then nearest-neighbour resampling of
+      the *label map* (not the probabilities) into the uncropped original grid, written as uint8
+      NIfTI with exactly the input's header and affine, atomically; with an output file the map is
+      streamed plane by plane into it (`resample.label_planes` -> `io.save_nifti_planes_like`).
+
+    Other parameters: device "auto" | "cpu" | "cuda" | "cuda:N" | "mps"; step_size (z step and
+    full-mode step, fraction of the patch, 0.5); inplane_step (3x3 grid spacing, 0.5); spacing
+    (z, y, x) to predict at instead of the plans' (3D-CPS's test-time trick); crop "body" |
+    "nonzero" | "none"; batch_size (neighbour windows per forward call; 1 on CPU, 4 on CUDA);
+    monitor (a ResourceMonitor per case). Each case yields a `CaseReport`. On a CPU shared with
+    other jobs, start Python with `OMP_WAIT_POLICY=PASSIVE` (docs/benchmarks.md).
+    """
+
+    def __init__(self, mode: str = "efficient", device: str | torch.device = "auto", tta: bool = False,
+                 centre_threshold: int = DEFAULT_CENTRE_THRESHOLD, step_size: float = 0.5,
+                 inplane_step: float = DEFAULT_INPLANE_STEP, spacing: Sequence[float] | None = None,
+                 crop: str = "body",
+                 body_threshold_hu: float = DEFAULT_BODY_HU, batch_size: int | None = None,
+                 fp16: bool = True, monitor: bool = True, onednn: bool | None = None,
+                 verbose: bool = False):
+        if mode not in MODES:
+            raise FlareInputError(None, f"mode must be one of {MODES}, got {mode!r}")
+        if crop not in CROP_MODES:
+            raise FlareInputError(None, f"crop must be one of {CROP_MODES}, got {crop!r}")
+        if not 0 < step_size <= 1 or not 0 < inplane_step <= 1:
+            raise FlareInputError(None, "step_size and inplane_step must be in (0, 1]")
+        if int(centre_threshold) < 0:
+            raise FlareInputError(None, f"centre_threshold must be >= 0, got {centre_threshold}")
+        if spacing is not None:
+            spacing = tuple(float(s) for s in spacing)
+            if len(spacing) != 3 or any(not s > 0 for s in spacing):
+                raise FlareInputError(None, f"spacing must be three positive numbers (z y x), got {spacing}")
+        dev = resolve_device(device)
+        with contextlib.redirect_stdout(io.StringIO()):
+            super().__init__(tile_step_size=step_size, use_gaussian=True, use_mirroring=bool(tta),
+                             perform_everything_on_device=dev.type == "cuda", device=dev,
+                             verbose=verbose, verbose_preprocessing=False, allow_tqdm=False)
+        self.mode, self.tta = mode, bool(tta)
+        self.centre_threshold = int(centre_threshold)
+        self.inplane_step = float(inplane_step)
+        self.enforced_spacing = spacing
+        self.crop, self.body_threshold_hu = crop, float(body_threshold_hu)
+        self.batch_size = int(batch_size) if batch_size else (4 if dev.type == "cuda" else 1)
+        self.fp16 = bool(fp16)
+        self.monitor = bool(monitor)
+        self.onednn = dev.type == "cpu" if onednn is None else bool(onednn) and dev.type == "cpu"
+        self.networks: list[torch.nn.Module] = []
+        self.folds: tuple = ()
+        self.model_dir: Path | None = None
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_results_folder(cls, model_dir: str | Path, folds=(0,), checkpoint: str = "checkpoint_final.pth",
+                            **kwargs) -> "EfficientPredictor":
+        """Load a trained nnU-Net v2 results folder (`.../Trainer__Plans__3d_fullres`).
+
+        folds: one fold (0), several ((0, 1, 2): ensemble, softmax averaged), "all", or None
+        (every fold_N with the checkpoint). Other keyword arguments go to the constructor.
+        """
+        p = cls(**kwargs)
+        p.initialize_from_trained_model_folder(str(model_dir), folds, checkpoint)
+        return p
+
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
+                                             checkpoint_name: str = "checkpoint_final.pth"):
+        model_dir = Path(model_training_output_dir)
+        if not model_dir.is_dir():
+            raise FlareInputError(model_dir, "model folder not found (expected an nnU-Net v2 results folder "
+                                             "such as .../nnUNetTrainer__nnUNetPlans__3d_fullres)")
+        for f in ("plans.json", "dataset.json"):
+            if not (model_dir / f).is_file():
+                raise FlareInputError(model_dir, f"not an nnU-Net v2 results folder: {f} is missing")
+        use_folds = normalise_folds(use_folds)
+        available = available_folds(model_dir, checkpoint_name)
+        if use_folds is None:
+            use_folds = tuple(f for f in available if isinstance(f, int))
+            if not use_folds:
+                raise FlareInputError(model_dir, f"no fold_N/{checkpoint_name} found")
+        for f in use_folds:
+            if not (model_dir / f"fold_{f}" / checkpoint_name).is_file():
+                raise FlareInputError(model_dir / f"fold_{f}" / checkpoint_name,
+                                      f"checkpoint missing (folds with {checkpoint_name}: "
+                                      f"{', '.join(f'fold_{a}' for a in available) or 'none'})")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                super().initialize_from_trained_model_folder(str(model_dir), use_folds, checkpoint_name)
+        except Exception as first:
+            # nnU-Net could not find the checkpoint's trainer class by name (e.g. a project trainer
+            # that was not registered with nnU-Net): build the network ourselves.
             try:
-                p.unlink()
-            except OSError:
-                pass
+                self._load_without_trainer_lookup(model_dir, use_folds, checkpoint_name)
+            except Exception as e:
+                raise FlareInputError(model_dir, f"could not load the model ({type(first).__name__}: {first}; "
+                                                 f"{type(e).__name__}: {e})") from e
+        self._check_supported(model_dir)
+        self.networks = []
+        for params in self.list_of_parameters:
+            net = copy.deepcopy(self.network)
+            net.load_state_dict(params)
+            self.networks.append(net.to(self.device).eval())
+        self.network.load_state_dict(self.list_of_parameters[0])
+        self.network = self.network.to(self.device).eval()
+        if self.onednn:
+            for net in (*self.networks, self.network):
+                use_onednn_convolutions(net)
+        self.folds = tuple(use_folds)
+        self.model_dir = model_dir
 
+    def _load_without_trainer_lookup(self, model_dir: Path, folds, checkpoint_name: str) -> None:
+        """Like nnU-Net's loader, but the trainer class comes from flare_utils.training (without
+        registering anything) or, failing that, the stock nnUNetTrainer builds the plans' network."""
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        dataset_json = json.loads((model_dir / "dataset.json").read_text())
+        plans_manager = PlansManager(json.loads((model_dir / "plans.json").read_text()))
+        params, first = [], None
+        for f in folds:
+            ck = torch.load(model_dir / f"fold_{f}" / checkpoint_name, map_location="cpu", weights_only=False)
+            first = first or ck
+            params.append(ck["network_weights"])
+        trainer_name = first["trainer_name"]
+        trainer_cls = nnUNetTrainer
+        try:
+            from flare_utils.training.registry import trainer_classes
+            trainer_cls = trainer_classes().get(trainer_name, nnUNetTrainer)
+        except Exception:
+            pass
+        cm = plans_manager.get_configuration(first["init_args"]["configuration"])
+        n_in = determine_num_input_channels(plans_manager, cm, dataset_json)
+        n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        net = trainer_cls.build_network_architecture(plans_manager, cm, n_in, n_out, enable_deep_supervision=False)
+        net.load_state_dict(params[0])
+        self.manual_initialization(net, plans_manager, cm, params, dataset_json, trainer_name,
+                                   first.get("inference_allowed_mirroring_axes"))
 
-_PREDICTOR_DOC = """nnUNetPredictor with the FLARE22 winner's efficient inference (see flare_utils.inference.predictor).
+    def _check_supported(self, model_dir: Path) -> None:
+        cm, pm = self.configuration_manager, self.plans_manager
+        if len(cm.patch_size) != 3:
+            raise FlareInputError(model_dir, f"only 3D configurations are supported (patch {cm.patch_size})")
+        if cm.previous_stage_name is not None:
+            raise FlareInputError(model_dir, "cascade (lowres -> fullres) models are not supported")
+        if len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {}))) != 1:
+            raise FlareInputError(model_dir, "only single-channel (CT) models are supported")
+        if self.label_manager.has_regions:
+            raise FlareInputError(model_dir, "region-based models are not supported")
+        rw = pm.plans.get("image_reader_writer", "SimpleITKIO")
+        if rw not in _SUPPORTED_READERS:
+            raise FlareInputError(model_dir, f"image reader {rw} is not supported ({_SUPPORTED_READERS})")
 
-Parameters: mode "efficient" | "full"; device "auto" | "cpu" | "cuda"; tta (mirroring, off by
-default); centre_threshold (efficient mode: neighbours run only when the centre window predicts at
-least this many foreground voxels; 1 = the paper's "any foreground", 0 = never skip); step_size
-(z step and full-mode step, fraction of the patch, 0.5); inplane_step (3x3 grid spacing, 0.5);
-spacing (z, y, x) to enforce instead of the plans'; crop "body" | "nonzero" | "none";
-body_threshold_hu (-500); batch_size (neighbour windows per forward call; 1 on CPU, 4 on CUDA);
-fp16 (autocast on CUDA); monitor (ResourceMonitor per case); onednn (CPU: run Conv3d layers
-through oneDNN, see `use_onednn_convolutions`; default on for CPU).
-"""
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(int(p) for p in self.configuration_manager.patch_size)
 
-_CLASS = None
+    @property
+    def num_classes(self) -> int:
+        return int(self.label_manager.num_segmentation_heads)
 
+    def _require_model(self) -> None:
+        if not self.networks:
+            raise RuntimeError("no model loaded: use EfficientPredictor.from_results_folder(...)")
 
-def _get_class():
-    """The predictor class is built on first use (it subclasses nnUNetPredictor), so importing this
-    module does not import nnunetv2, which reads its folder variables at import."""
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _make_class()
-    return _CLASS
+    # -- geometry --------------------------------------------------------------------------
+    def _perm(self) -> tuple[int, int, int]:
+        tf = list(self.plans_manager.transpose_forward)
+        return tuple(_SITK_ORDER[t] for t in tf)
 
+    def target_spacing(self) -> tuple[float, float, float]:
+        """Network spacing in network axis order (plans' or the enforced one)."""
+        if self.enforced_spacing is not None:
+            return tuple(self.enforced_spacing[t] for t in self.plans_manager.transpose_forward)
+        return tuple(float(s) for s in self.configuration_manager.spacing)
 
-def __getattr__(name: str):
-    if name == "EfficientPredictor":
-        return _get_class()
-    raise AttributeError(name)
+    # -- preprocessing ---------------------------------------------------------------------
+    def preprocess(self, image: str | Path | np.ndarray, spacing: Sequence[float] | None = None,
+                   affine: np.ndarray | None = None, case_id: str | None = None) -> PreprocessedCase:
+        """Read (path) or take (array in file order (i, j, k) with `spacing` = its zooms) an image
+        and put it on the network grid."""
+        self._require_model()
+        t0 = time.perf_counter()
+        if isinstance(image, (str, Path)):
+            img = read_image(image)
+            source, cid = str(image), case_id or case_id_from_path(image, channel_suffix=True)
+        else:
+            arr = np.asarray(image)
+            if arr.ndim != 3:
+                raise FlareInputError(None, f"expected a 3D array, got shape {arr.shape}")
+            if spacing is None:
+                raise FlareInputError(None, "spacing is needed for an in-memory array")
+            zooms = tuple(float(s) for s in spacing)
+            aff = np.diag([*zooms, 1.0]) if affine is None else np.asarray(affine, float)
+            img = StoredImage(arr, None, aff, zooms, (1.0, 0.0))
+            source, cid = None, case_id or "array"
+        read_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        perm = self._perm()
+        crop = body_bbox(img.array, self.crop, self.body_threshold_hu, scale=img.scale)
+        view = img.array[crop].transpose(perm)
+        in_spacing = tuple(img.zooms[a] for a in perm)
+        target = self.target_spacing()
+        new_shape = compute_new_shape(view.shape, in_spacing, target)
+        new_shape = tuple(max(1, s) for s in new_shape)
+        long_axis = perm.index(long_axis_of_affine(img.affine))
+        sep = separate_z_axis(in_spacing, target)
+        slab_axis = sep if sep is not None else long_axis
+        data = self._normalise_and_resample(view, new_shape, slab_axis, sep is not None, img.scale)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        pre_s = time.perf_counter() - t1
+        return PreprocessedCase(cid, data[None], perm, long_axis, tuple(float(t) for t in target), in_spacing,
+                                tuple(int(s) for s in img.array.shape), img.zooms, crop, img.header,
+                                img.affine, source, read_s, pre_s)
+
+    def _normalise_and_resample(self, view, new_shape, slab_axis, nearest_slab_axis, scale) -> torch.Tensor:
+        schemes = list(self.configuration_manager.normalization_schemes)
+        props = self.plans_manager.foreground_intensity_properties_per_channel
+        if schemes == ["CTNormalization"]:
+            norm = CTNormalizer(props.get("0", props.get(0)), scale)
+            return resample_to_grid(view, new_shape, slab_axis=slab_axis,
+                                    slab_axis_mode="nearest-exact" if nearest_slab_axis else "linear",
+                                    normalize=norm, device=self.device)
+        # other schemes (not pointwise, e.g. z-score): nnU-Net's class on the whole float32 crop
+        from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import \
+            get_normalization_scheme
+        cls = get_normalization_scheme(schemes[0])
+        data = np.asarray(view, dtype=np.float32) * scale[0] + scale[1]
+        use_mask = bool(self.configuration_manager.use_mask_for_norm[0])
+        seg = np.where(data != 0, 0, -1).astype(np.int8) if use_mask else None
+        data = cls(use_mask_for_norm=use_mask, intensityproperties=props.get("0", props.get(0)) or {}).run(
+            data, seg)
+        return resample_to_grid(data, new_shape, slab_axis=slab_axis,
+                                slab_axis_mode="nearest-exact" if nearest_slab_axis else "linear",
+                                normalize=None, device=self.device)
+
+    # -- network ---------------------------------------------------------------------------
+    def _mirror_predict(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's mirroring TTA (`_internal_maybe_mirror_and_predict`) for one network."""
+        y = net(x)
+        axes = self.allowed_mirroring_axes if self.tta else None
+        if axes:
+            axes = [m + 2 for m in axes]
+            combos = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+            for c in combos:
+                y = y + torch.flip(net(torch.flip(x, c)), c)
+            y = y / (len(combos) + 1)
+        return y
+
+    def _forward_with(self, networks: Sequence[torch.nn.Module]):
+        use_amp = self.device.type == "cuda" and self.fp16
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext():
+                out = None
+                for net in networks:
+                    y = self._mirror_predict(net, x).float()
+                    if len(networks) > 1:
+                        y = torch.softmax(y, 1)
+                    out = y if out is None else out + y
+                if len(networks) > 1:
+                    out = out / len(networks)
+            return out
+        return forward
+
+    def _gaussian(self) -> torch.Tensor:
+        # nnU-Net's map (fp16, max 10), as float32
+        return compute_gaussian(self.patch_size, sigma_scale=1. / 8, value_scaling_factor=10,
+                                dtype=torch.float16, device=self.device).float()
+
+    def make_grid(self, shape: Sequence[int], long_axis: int = 0, mode: str | None = None) -> WindowGrid:
+        """Window grid of `mode` (default: the predictor's) for an unpadded network shape."""
+        padded = tuple(max(int(s), p) for s, p in zip(shape, self.patch_size))
+        return make_grid(mode or self.mode, padded, self.patch_size, long_axis, self.tile_step_size,
+                         self.inplane_step)
+
+    @torch.inference_mode()
+    def predict_preprocessed(self, data: torch.Tensor, long_axis: int = 0, *, mode: str | None = None,
+                             keep_logits: bool = False, networks: Sequence[torch.nn.Module] | None = None
+                             ) -> tuple[torch.Tensor, SlidingWindowResult, WindowGrid]:
+        """Sliding window on preprocessed data (1, *shape): (labels on the device, unpadded;
+        the loop's result (records, times, logits when keep_logits, padded); the grid)."""
+        self._require_model()
+        data = data.to(self.device)
+        padded, revert = pad_nd_image(data, self.patch_size, "constant", {"value": 0}, True, None)
+        grid = make_grid(mode or self.mode, padded.shape[1:], self.patch_size, long_axis, self.tile_step_size,
+                         self.inplane_step)
+        res = run_sliding_window(padded, grid, self._forward_with(networks or self.networks), self.num_classes,
+                                 self._gaussian(), self.centre_threshold, keep_logits=keep_logits,
+                                 batch_size=self.batch_size)
+        labels = res.labels[tuple(revert[1:])]
+        if res.logits is not None:
+            res.logits = res.logits[(slice(None), *revert[1:])]
+        return labels, res, grid
+
+    @torch.inference_mode()
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's seam: logits of `self.network` with this predictor's windows (so nnU-Net's own
+        pipelines, e.g. `predict_from_files`, run the efficient grid too)."""
+        self.network = self.network.to(self.device).eval()
+        _, res, _ = self.predict_preprocessed(input_image, 0, keep_logits=True, networks=[self.network])
+        return res.logits
+
+    # -- back to the original grid ---------------------------------------------------------
+    def labels_to_original(self, labels: torch.Tensor, pre: PreprocessedCase) -> np.ndarray:
+        """Nearest-neighbour resampling of network-grid labels into the uncropped file grid (uint8): the
+        planes the streamed writer gets (`label_planes`), gathered into one array."""
+        # Fortran order: NIfTI's voxel order, so the writer streams the array without a transposed copy
+        out = np.empty(pre.shape, dtype=self._label_dtype(), order="F")
+        for k, plane in enumerate(label_planes(labels, pre.shape, pre.crop, pre.perm, out.dtype)):
+            out[:, :, k] = plane.T
+        return out
+
+    # -- one case --------------------------------------------------------------------------
+    def _report(self, pre: PreprocessedCase, res: SlidingWindowResult, grid: WindowGrid, labels_shape) -> CaseReport:
+        starts = grid.long_starts
+        return CaseReport(
+            case_id=pre.case_id, input=pre.source, mode=self.mode, folds=list(self.folds), tta=self.tta,
+            device=str(self.device), centre_threshold=self.centre_threshold,
+            inplane_step=self.inplane_step, crop=self.crop,
+            original_shape=list(pre.shape), original_spacing=list(pre.zooms),
+            crop_box=[[s.start, s.stop] for s in pre.crop], network_shape=list(labels_shape),
+            padded_shape=list(grid.shape), network_spacing=list(pre.network_spacing),
+            patch_size=list(self.patch_size), long_axis=pre.long_axis, z_steps=len(starts),
+            windows_evaluated=res.n_evaluated, windows_skipped=res.n_skipped, windows_grid=grid.n_total,
+            windows_paper_eq2=paper_eq2_count(grid.shape, grid.patch, grid.long_axis, self.tile_step_size),
+            windows_nnunet_full=nnunet_window_count(grid.shape, grid.patch, self.tile_step_size),
+            centres_with_foreground=sum(1 for r in res.records if r.role == "centre" and r.foreground
+                                        and r.foreground >= max(1, self.centre_threshold)),
+            time_read_s=pre.read_s, time_preprocess_s=pre.preprocess_s, time_network_s=res.loop_s,
+            network_forward_s=res.forward_s, windows=res.records_as_dicts())
+
+    def run_network(self, pre: PreprocessedCase) -> tuple[torch.Tensor, CaseReport]:
+        """The network phase of a preprocessed case: (labels on the network grid, its report)."""
+        labels, res, grid = self.predict_preprocessed(pre.data, pre.long_axis)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return labels, self._report(pre, res, grid, labels.shape)
+
+    def _write(self, label: np.ndarray, pre: PreprocessedCase, output: Path) -> None:
+        if pre.header is not None:
+            ref = SimpleNamespace(header=pre.header)
+            save_nifti_like(label, ref, output)
+        else:
+            save_nifti(label, pre.affine, output)
+
+    def write_labels(self, labels: torch.Tensor, pre: PreprocessedCase, output: Path, rep: CaseReport,
+                     label: np.ndarray | None = None) -> None:
+        """Network-grid labels -> the original grid -> `output`, plane by plane (no original-size array:
+        `label_planes` feeds `save_nifti_planes_like`). `label`: the original-grid map when the caller
+        already has it; it, and in-memory inputs (no header), are written whole. Sets the report's
+        resample and write times and output."""
+        t_all = time.perf_counter()
+        if label is None and pre.header is not None:
+            spent = [0.0]
+            planes = _timed(label_planes(labels, pre.shape, pre.crop, pre.perm, self._label_dtype()), spent)
+            save_nifti_planes_like(planes, pre.shape, self._label_dtype(), SimpleNamespace(header=pre.header),
+                                   output)
+            rep.time_resample_s = spent[0]
+            rep.time_write_s = time.perf_counter() - t_all - spent[0]
+        else:
+            if label is None:
+                label = self.labels_to_original(labels, pre)
+                rep.time_resample_s = time.perf_counter() - t_all
+            t0 = time.perf_counter()
+            self._write(label, pre, output)
+            rep.time_write_s = time.perf_counter() - t0
+        rep.output = str(output)
+
+    def _label_dtype(self):
+        return np.uint8 if self.num_classes <= 255 else np.int16
+
+    def predict_case(self, image: str | Path | np.ndarray, output: str | Path | None = None, *,
+                     spacing: Sequence[float] | None = None, affine: np.ndarray | None = None,
+                     case_id: str | None = None, report_dir: str | Path | None = None,
+                     return_label: bool = True) -> tuple[np.ndarray | None, CaseReport]:
+        """Segment one image (a NIfTI path, or an (i, j, k) array with `spacing`).
+
+        Returns the uint8 label map on the input grid and the CaseReport. With `output` the label
+        map is written there (NIfTI with the input's exact header/affine). With `report_dir` the
+        report is written to `<report_dir>/<case>.json`. With `output` and `return_label=False`
+        the label map is streamed to the file plane by plane and never held whole (less memory
+        and time; None is returned in its place).
+        """
+        self._require_model()
+        t_all = time.perf_counter()
+        with resource_monitor(self.monitor) as mon:
+            pre = self.preprocess(image, spacing, affine, case_id)
+            labels, rep = self.run_network(pre)
+            label = None
+            if return_label or output is None:
+                t0 = time.perf_counter()
+                label = self.labels_to_original(labels, pre)
+                rep.time_resample_s = time.perf_counter() - t0
+            if output is not None:
+                self.write_labels(labels, pre, Path(output), rep, label)
+            del labels
+        rep.total_s = time.perf_counter() - t_all
+        rep.add_monitor(mon)
+        if report_dir is not None:
+            atomic_write_json(Path(report_dir) / f"{rep.case_id}.json", rep.to_dict())
+        return label, rep
+
+    # -- a folder --------------------------------------------------------------------------
+    def predict_folder(self, in_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                       prefetch: int = 1, on_error: str = "raise", files: Sequence[str | Path] | None = None):
+        """Segment every NIfTI of `in_dir` into `out_dir/<case>.nii.gz` (case id without _0000).
+
+        Background threads read/preprocess the next case and resample/write the previous one.
+        Cases whose output exists are skipped (unless `overwrite`), so an interrupted run resumes;
+        outputs and reports are written atomically. on_error: "raise" (stop at the first bad
+        case, after finishing the cases in flight) or "skip" (record the error and go on).
+        Returns a pandas DataFrame (one row per case, `CaseReport.to_row()`); per-case JSON in
+        `<out>/efficiency/<case>.json`, the table in `<out>/efficiency/summary.csv`, and the run's
+        totals in `<out>/efficiency/run.json`.
+        """
+        self._require_model()
+        return predict_folder(self, in_dir, out_dir, overwrite=overwrite, prefetch=prefetch, on_error=on_error,
+                              files=files)

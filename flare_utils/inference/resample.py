@@ -1,34 +1,10 @@
-"""Fast, memory-lean preprocessing for inference: body crop, CT normalisation and torch resampling
-to the network grid; nearest-neighbour resampling of a label map back to the original grid.
+"""Fast, memory-lean preprocessing for inference, and the way back to the original grid.
 
-Body crop (`body_bbox`)
------------------------
-"body": the bounding box of voxels above `threshold_hu` (default -500 HU: air is about -1000,
-lung parenchyma about -850, fat about -100), found on a grid subsampled by `subsample` in every
-axis and widened by `subsample` + `margin` voxels, so it never cuts the body. CT tables (often
-above -500 HU) can widen the box a little; that costs a few windows, never accuracy. When no
-voxel passes the threshold the whole image is kept. "nonzero": nnU-Net's own crop (the bounding
-box of voxels != 0; for CT this is almost always the whole image). "none": no crop.
-
-Normalisation and resampling (`resample_to_grid`)
--------------------------------------------------
-The order is nnU-Net's: crop, normalise, resample. CT normalisation is exactly nnU-Net's
-`CTNormalization` with the plans' foreground intensity properties (clip to
-[percentile_00_5, percentile_99_5], subtract mean, divide by max(std, 1e-8)), applied slab by
-slab in float32. Resampling is linear with `align_corners=False` and no antialiasing, the same
-arithmetic as nnU-Net's `resample_torch_fornnunet` (and `torch.nn.functional.interpolate`
-trilinear): it is separable, so each slab of slices is first resampled in-plane (bilinear), on
-the target device, and then the small in-plane-resampled volume is resampled along the slab
-axis (linear, or nearest when nnU-Net's anisotropy rule asks for a separate z, as
-`resample_torch_fornnunet` does). Peak memory is the input image plus one float32 slab plus the
-output. Note: nnU-Net's *default* preprocessing uses scipy cubic (order 3) resampling; linear is
-what its torch resampler and the FLARE22 fast pipelines use; the difference is small and is
-measured in the benchmark (DSC).
-
-Labels back (`labels_to_original`): nearest neighbour with the `nearest-exact` convention
-(source index floor((i + 0.5) * in / out)), which matches the align_corners=False geometry of
-the forward resampling, written plane by plane straight into the original-size uint8 array
-(which the predictor allocates in NIfTI's Fortran order, so writing the file needs no transposed copy).
+nnU-Net's steps in nnU-Net's order (crop, normalise, resample), but cropped to the body first
+(`body_bbox`: fewer windows), resampled linearly with torch slab by slab on the predictor's device
+(`resample_to_grid`: the arithmetic of nnU-Net's torch resampler, one float32 slab of extra memory),
+and only the label map - not one probability map per class - resampled back (`label_planes`,
+`labels_to_original`: nearest neighbour, one original-size plane at a time).
 """
 from __future__ import annotations
 
@@ -57,7 +33,15 @@ def _bbox_of_mask_projections(mask: np.ndarray) -> list[tuple[int, int]] | None:
 def body_bbox(image: np.ndarray, mode: str = "body", threshold_hu: float = DEFAULT_BODY_HU,
               subsample: int = 4, margin: int = 2, scale: tuple[float, float] = (1.0, 0.0)) -> tuple[slice, ...]:
     """Slices of the crop box of `image` (any axis order). `scale` = (slope, intercept) turns stored
-    values into HU when the file stores scaled integers."""
+    values into HU when the file stores scaled integers.
+
+    "body": the bounding box of voxels above `threshold_hu` (default -500 HU: air is about -1000,
+    lung parenchyma about -850, fat about -100), found on a grid subsampled by `subsample` in every
+    axis and widened by `subsample` + `margin` voxels, so it never cuts the body. CT tables (often
+    above -500 HU) can widen the box a little; that costs a few windows, never accuracy. When no
+    voxel passes the threshold the whole image is kept. "nonzero": nnU-Net's own crop (the bounding
+    box of voxels != 0; for CT almost always the whole image). "none": no crop.
+    """
     if mode not in CROP_MODES:
         raise ValueError(f"crop must be one of {CROP_MODES}, got {mode!r}")
     full = tuple(slice(0, s) for s in image.shape)
@@ -91,7 +75,8 @@ def compute_new_shape(shape: Sequence[int], spacing: Sequence[float], new_spacin
 
 
 class CTNormalizer:
-    """nnU-Net's CTNormalization as a pointwise torch function (works slab by slab)."""
+    """nnU-Net's CTNormalization as a pointwise torch function (works slab by slab): clip to the
+    plans' [percentile_00_5, percentile_99_5], subtract the mean, divide by max(std, 1e-8)."""
 
     def __init__(self, intensity_properties: dict, scale: tuple[float, float] = (1.0, 0.0)):
         p = intensity_properties
@@ -121,6 +106,13 @@ def resample_to_grid(volume: np.ndarray | torch.Tensor, new_shape: Sequence[int]
     slab_axis: the axis processed in slabs (the scan's long axis); the two others are resampled
     bilinearly per slice, then `slab_axis` is resampled with `slab_axis_mode` ("linear" or
     "nearest-exact"). normalize: pointwise callable on a float32 tensor (e.g. CTNormalizer), or None.
+
+    Linear with `align_corners=False` and no antialiasing is the arithmetic of nnU-Net's
+    `resample_torch_fornnunet` (and of trilinear `F.interpolate`); it is separable, so in-plane per
+    slab then along the slab axis gives the same result, with peak memory the input plus one float32
+    slab plus the output. "nearest-exact" along the slab axis is for when nnU-Net's anisotropy rule
+    resamples z separately (`separate_z_axis`). nnU-Net's *default* preprocessing resamples with
+    scipy cubic splines instead (its effect on DSC: docs/benchmarks.md).
     """
     device = torch.device(device)
     new_shape = tuple(int(v) for v in new_shape)
@@ -167,6 +159,8 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 def labels_to_original(labels: torch.Tensor | np.ndarray, out: np.ndarray, *, slab_axis: int = 0) -> np.ndarray:
     """Nearest-neighbour resample `labels` (network grid) into `out` (any view of the original-size
     array with the same axis order as `labels`), plane by plane along `slab_axis`. Returns out.
+    `nearest-exact` (source index floor((i + 0.5) * in / out)) matches the align_corners=False
+    geometry of the forward resampling.
 
     The small network-grid map is brought to the CPU once; each source plane is enlarged in-plane
     once (consecutive output planes that share a source plane reuse it) and copied into `out`, so

@@ -14,8 +14,10 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from flare_utils.errors import FlareInputError
 from flare_utils.data.io import atomic_write_text
+from flare_utils.errors import FlareInputError
+from flare_utils.inference.case_report import EFFICIENCY_DIR
+from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
 
 CASES_EFFICIENCY = "cases_efficiency.json"
 SUMMARY_JSON = "summary.json"
@@ -24,7 +26,6 @@ SUMMARY_CSV = "summary.csv"
 
 def _timing_file(out_dir: Path, case_ids) -> Path | None:
     """One EfficiencyReport per predicted case (monitor figures), under "cases"."""
-    from flare_utils.inference.predictor import EFFICIENCY_DIR
     eff = out_dir / EFFICIENCY_DIR
     cases = []
     for c in case_ids:
@@ -40,14 +41,15 @@ def _timing_file(out_dir: Path, case_ids) -> Path | None:
 
 def predict_models(models: Mapping[str, Mapping[str, Any]], input_dir: str | Path,
                    outputs: Mapping[str, str | Path], *, mode: str = "efficient", device: str = "auto",
-                   tta: bool = False, centre_threshold: int = 1, inplane_step: float = 0.5,
+                   tta: bool = False, centre_threshold: int = DEFAULT_CENTRE_THRESHOLD,
+                   inplane_step: float = DEFAULT_INPLANE_STEP,
                    summary_dir: str | Path | None = None,
                    log=print) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Predict `input_dir` with each model ({name: {"path": results folder, "folds": [...]}}) into
     `outputs[name]`. Returns (one overview row per model, {name: per-case table}); with
     `summary_dir` the overview is also written there (summary.csv, summary.json with each model's
     output folder and timing file, which the evaluation stage reads)."""
-    from flare_utils.inference.predictor import EfficientPredictor
+    from flare_utils.inference.predictor import EfficientPredictor   # imports nnU-Net: only when used
     if not models:
         raise FlareInputError(None, "no model to predict with")
     missing = [n for n in models if n not in outputs]

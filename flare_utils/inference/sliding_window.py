@@ -1,58 +1,14 @@
 """Window grids and the sliding-window loop: the FLARE22 winner's efficient 3x3 windows and
 nnU-Net's full tiling, run by the same code.
 
-Geometry (all in voxels of the network grid, i.e. after cropping, resampling and padding)
------------------------------------------------------------------------------------------
-The image is first padded to at least one patch per axis (nnU-Net's `pad_nd_image`, constant 0 in
-normalised intensity, content centred), so every grid below is defined on a shape >= patch.
-
-`long_axis` is the axis along which the scan is long (the patient's head-foot axis, "z"); the two
-others are the in-plane axes.
-
-* **full** (nnU-Net's regular tiling): on every axis the starts of nnU-Net's
-  `compute_steps_for_sliding_window` with `step` (0.5: windows overlap by half a patch), all
-  combinations. Iterated with the first array axis outermost, exactly like nnU-Net's
-  `_internal_get_sliding_window_slicers`, so with the same Gaussian it gives nnU-Net's logits.
-* **efficient** ("Revisiting nnU-Net for Iterative Pseudo Labeling and Efficient Sliding Window
-  Inference", the FLARE22 winner): along the long axis the same nnU-Net starts (`step`, 0.5); at
-  each of these z steps a 3x3 grid of in-plane windows with 50% overlap (`inplane_step` = 0.5
-  patch), centred on the image's in-plane centre. Per in-plane axis of size S and patch P the
-  centre window starts at c = (S - P) // 2 and its neighbours at c -/+ round(P * inplane_step);
-  every start is clamped to [0, S - P] and duplicates are dropped. So an axis exactly one patch
-  wide has 1 position, an axis narrower than two patches has 2 or 3 (clamped to the borders),
-  and a wide axis has 3. At 0.5 the grid covers [c - P/2, c + 3P/2): **two patch widths in-plane**,
-  centred. Anything further out (an organ entirely outside that band, e.g. in a very wide image
-  or far off-centre) is never looked at and is missed by design; the preprocessing crops to the
-  body first, so "centre" means the centre of the body's bounding box.
-  A smaller `inplane_step` (0.33) narrows the band to 1 + 2 * step patches but puts every voxel
-  in it nearer a window centre, for the same 9 windows. With the benchmark's small models the
-  paper's 0.5 is about 1 point of DSC below the full tiling on average over five whole-body
-  cases, all of it on bodies wider than the band (2.5-3.2 points on the widest); 0.33 helped one
-  model and hurt single cases of another (docs/benchmarks.md), so it is an option, not a fix.
-  At each z step the centre window runs first; when its prediction (argmax over classes of that
-  window alone, after TTA/fold averaging) holds fewer than `centre_threshold` foreground voxels
-  (argmax != 0), its 8 neighbours are skipped. The default threshold 1 is the paper's rule
-  ("no foreground in the centre window"); 0 never skips (the complete 3x3-per-z-step run).
-  Foreground only in a neighbour window of a z step whose centre is empty is missed by design.
-
-Counts (all on the same padded shape): `n_total` of a grid is the number of distinct windows it
-could evaluate; `paper_eq2_count` is equation (2) of the paper, 9 windows per z step
-(9 * n_z with n_z = ceil((D - P_z) / (s * P_z)) + 1); `nnunet_window_count` is nnU-Net's full
-sliding-window count (product over axes of nnU-Net's step counts).
-
-Accumulation
-------------
-Each window's output (logits for one model, softmax probabilities averaged over models for an
-ensemble: that is the forward function's business) is multiplied by nnU-Net's Gaussian
-importance map (`compute_gaussian`, sigma = patch/8, scaled to a maximum of 10, as nnU-Net
-does) and added into a float32 accumulator together with the Gaussian weights. Because the
-windows proceed along the long axis in increasing order, every slice before the next z start is
-final once a z step is done: `stream=True` (the default) keeps accumulators only one patch
-long, writes the argmax of finished slices into a uint8 label map and shifts, so memory is
-O(classes x patch_z x in-plane size) whatever the scan length. Voxels that no evaluated window
-covered (skipped neighbours) are background (0). Dividing by the weights does not change the
-argmax, so labels are the argmax of the weighted sum; `keep_logits=True` instead keeps full-size
-accumulators and returns the normalised logits (for comparisons with nnU-Net).
+nnU-Net tiles the whole (padded) image with half-overlapping patches. The FLARE22 winner's
+"efficient" grid ("Revisiting nnU-Net for Iterative Pseudo Labeling and Efficient Sliding Window
+Inference") keeps nnU-Net's steps along the long (head-foot, "z") axis but runs only a 3x3 grid of
+windows in-plane, centred on the body, and skips a z step's 8 neighbours when its centre window
+sees no organ: far fewer network calls for the same model. Both grids go through one loop
+(`run_sliding_window`) with nnU-Net's Gaussian weighting, so "full" gives nnU-Net's own logits and
+the two modes differ only in which windows run (`make_grid`). Everything here is in voxels of the
+network grid (after cropping, resampling and padding to at least one patch per axis).
 """
 from __future__ import annotations
 
@@ -64,9 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-MODES = ("efficient", "full")
-DEFAULT_CENTRE_THRESHOLD = 1
-DEFAULT_INPLANE_STEP = 0.5          # the paper's 3x3 grid: neighbours half a patch from the centre
+from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP, MODES
 
 
 def nnunet_steps(size: int, patch: int, step: float = 0.5) -> list[int]:
@@ -84,7 +38,12 @@ def nnunet_steps(size: int, patch: int, step: float = 0.5) -> list[int]:
 
 def centred_positions(size: int, patch: int, step: float = 0.5, n: int = 3) -> tuple[list[int], int]:
     """Starts of `n` windows (odd) centred on the axis, `step` patches apart, clamped and
-    deduplicated; and the centre window's start. Needs size >= patch (pad first)."""
+    deduplicated; and the centre window's start. Needs size >= patch (pad first).
+
+    The centre window starts at c = (S - P) // 2 (axis size S, patch P), its neighbours at
+    c -/+ round(P * step); every start is clamped to [0, S - P] and duplicates are dropped. So an
+    axis exactly one patch wide has 1 position, one narrower than two patches 2 or 3, a wide one 3.
+    """
     if size < patch:
         raise ValueError(f"axis of size {size} is smaller than the patch {patch}: pad first")
     if n < 1 or n % 2 == 0:
@@ -140,7 +99,19 @@ class WindowGrid:
 
 def make_grid(mode: str, shape: Sequence[int], patch: Sequence[int], long_axis: int = 0, step: float = 0.5,
               inplane_step: float = DEFAULT_INPLANE_STEP) -> WindowGrid:
-    """The window grid of `mode` ("efficient" or "full") on a padded shape (>= patch per axis)."""
+    """The window grid of `mode` ("efficient" or "full") on a padded shape (>= patch per axis).
+
+    "full" (nnU-Net's regular tiling): on every axis the starts of nnU-Net's
+    `compute_steps_for_sliding_window` with `step` (0.5: windows overlap by half a patch), all
+    combinations, iterated with the first array axis outermost like nnU-Net's
+    `_internal_get_sliding_window_slicers`.
+    "efficient": along `long_axis` the same nnU-Net starts; at each z step a 3x3 in-plane grid
+    (`centred_positions`, neighbours `inplane_step` patches from the centre). At 0.5 the grid
+    covers [c - P/2, c + 3P/2): two patch widths in-plane, centred on the (body-cropped) image;
+    an organ entirely outside that band is missed by design. A smaller `inplane_step` (0.33)
+    narrows the band to 1 + 2 * step patches but puts every voxel in it nearer a window centre, for
+    the same 9 windows (how each fares on the benchmark cases: docs/benchmarks.md).
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     shape, patch = tuple(int(s) for s in shape), tuple(int(p) for p in patch)
@@ -160,12 +131,14 @@ def make_grid(mode: str, shape: Sequence[int], patch: Sequence[int], long_axis: 
 
 
 def nnunet_window_count(shape: Sequence[int], patch: Sequence[int], step: float = 0.5) -> int:
-    """Windows of nnU-Net's full sliding window on a padded shape."""
+    """Windows of nnU-Net's full sliding window on a padded shape (product over axes of nnU-Net's
+    step counts)."""
     return int(np.prod([len(nnunet_steps(int(s), int(p), step)) for s, p in zip(shape, patch)]))
 
 
 def paper_eq2_count(shape: Sequence[int], patch: Sequence[int], long_axis: int = 0, step: float = 0.5) -> int:
-    """Equation (2) of the paper: 9 windows at each of the n_z z steps."""
+    """Equation (2) of the paper: 9 windows at each of the n_z z steps,
+    n_z = ceil((D - P_z) / (step * P_z)) + 1."""
     return 9 * len(nnunet_steps(int(shape[long_axis]), int(patch[long_axis]), step))
 
 
@@ -252,9 +225,23 @@ def run_sliding_window(data: torch.Tensor, grid: WindowGrid, forward: Callable[[
                        *, keep_logits: bool = False, stream: bool = True, batch_size: int = 1) -> SlidingWindowResult:
     """Run `forward` on the windows of `grid` over `data` (C, *grid.shape), on data's device.
 
-    forward: (B, C, *patch) -> (B, num_classes, *patch). gaussian: (*patch) weights or None
-    (uniform). centre_threshold: see the module docstring (efficient mode only). batch_size:
-    windows per forward call for the neighbours (the centre always runs alone).
+    forward: (B, C, *patch) -> (B, num_classes, *patch): logits of one model, or softmax
+    probabilities averaged over an ensemble (the forward function's business). gaussian: (*patch)
+    weights or None (uniform). batch_size: windows per forward call for the neighbours (the centre
+    always runs alone).
+
+    Efficient mode: at each z step the centre window runs first; when its own prediction (argmax
+    over classes) holds fewer than `centre_threshold` foreground voxels, its 8 neighbours are
+    skipped (1, the default, is the paper's "no foreground in the centre window"; 0 never skips).
+    Foreground only in a neighbour window of such a z step is missed by design.
+
+    Each window's output times the Gaussian is added into a float32 accumulator together with the
+    Gaussian weights. The windows proceed along the long axis in increasing order, so every slice
+    before the next z start is final once a z step is done: `stream=True` keeps accumulators only
+    one patch long, writes the argmax of finished slices into the label map and shifts, so memory
+    does not grow with the scan length. Voxels no evaluated window covered are background (0).
+    Dividing by the weights does not change the argmax; `keep_logits=True` instead keeps full-size
+    accumulators and also returns the normalised logits (for comparisons with nnU-Net).
     """
     if tuple(data.shape[1:]) != tuple(grid.shape):
         raise ValueError(f"data shape {tuple(data.shape[1:])} does not match the grid's {grid.shape}")

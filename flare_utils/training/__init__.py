@@ -18,13 +18,13 @@ from flare_utils.training.config import ENV_VAR, TrainingConfig
 from flare_utils.training.splits import SplitSpec, known_case_ids, make_splits, read_splits, write_splits
 
 _LAZY = {
-    "FlareTrainer": ".base", "resolve_device": ".base", "seed_everything": ".base",
+    "FlareTrainer": ".base", "seed_everything": ".base", "resolve_device": "flare_utils.utilities.device",
     "FlareTeacherTrainer": ".trainers", "FlareStudentTrainer": ".trainers",
     "register_with_nnunet": ".registry", "unregister_from_nnunet": ".registry", "find_trainer": ".registry",
     "trainer_classes": ".registry", "TRAINER_MODULES": ".registry",
     "train": ".api", "train_folds": ".api", "results_folder": ".api", "read_learning_curves": ".api",
     "read_training_log": ".api", "read_validation_dice": ".api", "read_validation_cases": ".api",
-    "training_config_of": ".api", "point_nnunet_at": ".api",
+    "training_config_of": ".api",
     "load_transfer_weights": ".transfer", "freeze_encoder_stages": ".transfer", "TransferReport": ".transfer",
 }
 

@@ -1,48 +1,15 @@
 """`FlareTrainer`: the base of every FLARE trainer, a thin subclass of nnU-Net v2's `nnUNetTrainer`.
 
-What it adds to the stock trainer (everything else - network, augmentation, poly lr, deep
-supervision, checkpoints, final validation - is nnU-Net's own code):
+Network, augmentation, poly lr, deep supervision, checkpoints and final validation stay nnU-Net's
+own code. What it adds - budget, device, seed, CPU settings, loss, mirroring, transfer init and
+encoder freezing - comes from a `TrainingConfig` read from the JSON file named by
+`FLARE_TRAINING_CONFIG`, because nnU-Net's constructor signature `(plans, configuration, fold,
+dataset_json, device)` cannot carry it; so the identical trainer runs from
+`flare_utils.training.train()` and from `nnUNetv2_train ... -tr NAME`. Mirroring off also turns off
+test-time mirroring (the checkpoint carries it). Subclasses (pseudo-label, noisy-student, CPS)
+extend it through a few hooks (`config_class`, `apply_config`, `after_network_built`, ...).
 
-* configuration: budget, device, seed, CPU settings, loss, mirroring, transfer init and freezing come
-  from a `TrainingConfig` read from the JSON file named by `FLARE_TRAINING_CONFIG` (defaults
-  without it), so the identical trainer runs from `flare_utils.training.train()` and from the stock
-  `nnUNetv2_train ... -tr FlareTeacherTrainer`. The constructor signature stays nnU-Net's
-  `(plans, configuration, fold, dataset_json, device)`; the effective configuration is written
-  to `<fold folder>/flare_training_config.json` when training starts.
-* device: `config.device` "auto" keeps nnU-Net's device when present, else cuda -> mps -> cpu.
-  CUDA keeps nnU-Net's fp16 autocast + GradScaler path; CPU/MPS run in fp32 (nnU-Net's rule).
-* seeding: python `random`, numpy and torch are seeded in `__init__`, before the network is built
-  (`initialize`) and before the data loaders are made; augmentation worker processes get
-  seed-derived numpy and torch seeds and nnU-Net's order-preserving `MultiThreadedAugmenter`
-  (`n_proc_da` = 0 runs augmentation in the main process).
-* CPU: `num_threads` (torch), `n_proc_da` (default: nnU-Net's value, at most 1 on CPU),
-  `export_processes` (final-validation export/metric pools; nnU-Net's default is 8).
-* loss: Dice+CE (default), Dice only or CE only, always nnU-Net's `DC_and_CE_loss` (weights 1/1,
-  0/1, 1/0) inside nnU-Net's `DeepSupervisionWrapper`.
-* mirroring: class attribute `default_mirroring` (overridable by the config). When off, mirroring
-  is removed from the training augmentation AND `inference_allowed_mirroring_axes` is None, which
-  the checkpoint carries to nnU-Net's predictor (no test-time mirroring).
-* transfer learning: `init_checkpoint` (matching keys and shapes are loaded, the rest reported in
-  `<fold folder>/flare_transfer_init.json`), `freeze_encoder_stages` (requires_grad False and left
-  out of the optimizer).
-
-Extension points for subclasses (pseudo-label, noisy-student, cross-pseudo-supervision trainers):
-
-* `config_class`: a `TrainingConfig` subclass with extra fields; read from the same JSON file.
-* `default_mirroring`: class default for mirroring.
-* `apply_config()`: copies config values onto trainer attributes after nnU-Net's `__init__`;
-  extend (call super) to set more.
-* `after_network_built()`: runs inside `initialize()` once the network exists (transfer init,
-  freezing); a CPS trainer builds its second network here.
-* `configure_optimizers()`: SGD nesterov 0.99 (or AdamW, config `optimizer`) + poly lr over the trainable
-  parameters only.
-* `build_loss_module()`: the per-output loss (before deep-supervision wrapping); `_build_loss`
-  wraps it.
-* `get_tr_and_val_datasets()` (nnU-Net's): add pseudo-labelled cases to the training set.
-* `make_dataloader(dataset, patch_size, final_patch_size, transforms, train)`: returns the
-  nnU-Net data loader of one split; replace for mixed labelled/pseudo-labelled batches (e.g. 1:3).
-* `get_training_transforms(...)` (nnU-Net's static method): stronger augmentation for a noisy student.
-* `train_step(batch)` (nnU-Net's): e.g. the CPS loss; keep returning {'loss': ndarray}.
+Details: docs/reference/training.md
 """
 from __future__ import annotations
 
@@ -71,6 +38,7 @@ from flare_utils.utilities.progress import report as report_progress
 from flare_utils.errors import FlareInputError
 from flare_utils.training.config import CONFIG_FILE_NAME, TrainingConfig
 from flare_utils.training.transfer import freeze_encoder_stages, load_transfer_weights, unwrap
+from flare_utils.utilities.device import resolve_device
 
 __all__ = ["FlareTrainer", "resolve_device", "seed_everything"]
 
@@ -88,32 +56,6 @@ def seed_everything(seed: int | None) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _mps_available() -> bool:
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
-
-def resolve_device(requested: str, passed: torch.device | str | None = None) -> torch.device:
-    """The torch device for a config's `device` and the one nnU-Net passed.
-
-    "auto": `passed` (default cuda) if it exists, else cuda -> mps -> cpu. An explicitly requested
-    device that does not exist is a FlareInputError.
-    """
-    if requested not in ("auto", "cpu", "cuda", "mps"):
-        raise FlareInputError(None, f"device must be auto, cpu, cuda or mps, got {requested!r}")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available()}
-    if requested != "auto":
-        if not available[requested]:
-            raise FlareInputError(None, f"device {requested!r} requested but not available on this machine")
-        return torch.device(requested)
-    want = torch.device(passed).type if passed is not None else "cuda"
-    if available.get(want, False):
-        return torch.device(want)
-    for t in ("cuda", "mps", "cpu"):
-        if available[t]:
-            return torch.device(t)
-    return torch.device("cpu")
 
 
 def make_optimizer(params, name: str, initial_lr: float, weight_decay: float, num_epochs: int):

@@ -1,0 +1,6 @@
+"""The efficient sliding window's defaults, in one place that does not import torch, so parameter
+files, the command line and the predictor all start from the same values."""
+
+MODES = ("efficient", "full")       # the FLARE22 winner's 3x3 windows per z step, or nnU-Net's full tiling
+DEFAULT_CENTRE_THRESHOLD = 1        # neighbours run when the centre window has >= this many foreground voxels
+DEFAULT_INPLANE_STEP = 0.5          # the paper's 3x3 grid: neighbours half a patch from the centre
