@@ -43,11 +43,11 @@ def prepare(workdir: Path, n_labelled: int, n_unlabelled: int) -> dict:
     from flare_utils.data.convert import convert_flare22
     from flare_utils.synthetic.phantom import write_cohort
     from flare_utils.planning.plans import plan_and_preprocess
-    from flare_utils.training.api import point_nnunet_at
+    from flare_utils.layout import RunLayout
     from flare_utils.semisup.selection_file import write_selection_file
     from flare_utils.training.with_pseudo_labels import prepare_pseudo_cases
 
-    point_nnunet_at(workdir)
+    RunLayout(workdir).activate()
     info = write_cohort(workdir / "cohort", n_labelled, n_unlabelled, 1, preset="demo", fov_mix="abdomen")
     res = convert_flare22(workdir / "cohort", workdir / "nnUNet_raw", DATASET, NAME)
     plan_and_preprocess(DATASET, ("efficient_demo",), processes=1, verify=False)

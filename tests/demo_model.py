@@ -81,8 +81,8 @@ def train_demo_model(run_dir: str | Path, *, dataset_id: int = 951, name: str = 
         if done.get("request") == request and Path(done["results"]).is_dir():
             return Path(done["results"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    from flare_utils.layout import nnunet_env
-    env = dict(os.environ, **nnunet_env(run_dir), nnUNet_n_proc_DA="1")
+    from flare_utils.layout import RunLayout
+    env = dict(os.environ, **RunLayout(run_dir).nnunet_environment(), nnUNet_n_proc_DA="1")
     log = run_dir / "demo_model_training.log"
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(run_dir), json.dumps(request)],
@@ -171,8 +171,8 @@ def _child(run_dir: Path, req: dict) -> None:
     import zlib
 
     import torch
-    from flare_utils.layout import use_nnunet_folders
-    layout = use_nnunet_folders(run_dir)
+    from flare_utils.layout import RunLayout
+    layout = RunLayout(run_dir).activate()
     import random
 
     import numpy as np

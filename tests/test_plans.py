@@ -54,9 +54,9 @@ def write_tiny_dataset(raw_root: Path, dataset_id: int, name: str, n: int = 4, r
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("plans_run")
-    from flare_utils.training.api import point_nnunet_at
+    from flare_utils.layout import RunLayout
     with preserved_environ(NNUNET_VARS):
-        point_nnunet_at(root)
+        RunLayout(root).activate()
         yield root
 
 
@@ -206,3 +206,15 @@ def test_nibabel_reader_axis_order_is_mapped_to_zyx(run_dir):
     assert plans["configurations"]["3d_fullres"]["spacing"] == [4.0, 3.0, 3.0]
     ver = json.loads((pre / "flare_plans_summary.json").read_text())["efficient_demo"]["verification"]
     assert ver["axis_order"] == "zyx" and ver["cases"][0]["preprocessed_shape"] == [24, 36, 40]
+
+
+def test_resolve_plans_identifier():
+    """One rule for every stage (and the runner): a plan variant's name -> its identifier, else unchanged."""
+    from flare_utils.planning.plans import resolve_plans_identifier
+    assert resolve_plans_identifier("accurate_demo") == "nnUNetPlans_accurate_demo"
+    assert resolve_plans_identifier("default") == "nnUNetPlans"
+    assert resolve_plans_identifier("nnUNetPlans_efficient_demo") == "nnUNetPlans_efficient_demo"
+    assert resolve_plans_identifier("mine") == "mine"                     # not a variant: an identifier
+    own = [{"name": "mine", "base_features": 4}, "efficient_demo"]
+    assert resolve_plans_identifier("mine", own) == "nnUNetPlans_mine"
+    assert resolve_plans_identifier("mine", [PlanVariant("mine")]) == "nnUNetPlans_mine"

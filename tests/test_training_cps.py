@@ -33,8 +33,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cps_run")
     for d in ("cohort", "nnUNet_raw", "nnUNet_preprocessed"):
         shutil.copytree(src / d, root / d)
-    from flare_utils.training.api import point_nnunet_at
-    point_nnunet_at(root)
+    from flare_utils.layout import RunLayout
+    RunLayout(root).activate()
     pre = root / "nnUNet_preprocessed" / f"Dataset{DATASET}_PseudoTiny"
     yield {"root": root, "pre": pre, "raw": root / "nnUNet_raw" / f"Dataset{DATASET}_PseudoTiny"}
     for k, v in old.items():

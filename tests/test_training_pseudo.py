@@ -37,8 +37,8 @@ def copy_tiny(tmp_path_factory, name: str) -> Path:
 def run(tmp_path_factory):
     old = {k: os.environ.get(k) for k in NNUNET_VARS}
     root = copy_tiny(tmp_path_factory, "pseudo_run")
-    from flare_utils.training.api import point_nnunet_at
-    point_nnunet_at(root)
+    from flare_utils.layout import RunLayout
+    RunLayout(root).activate()
     raw = root / "nnUNet_raw" / f"Dataset{DATASET}_PseudoTiny"
     sel = S.write_selection_file(root / "selection.json", UNLABELLED, root / "cohort" / "SyntheticTruth" /
                                  "unlabelled_labels", raw / "imagesUnlabelled", meta={"round": 1})

@@ -12,7 +12,7 @@ UNLABELLED = ["Case_00001", "Case_00002", "Case_00003"]
 
 def preserved_environ(keys=NNUNET_VARS):
     """Restore these environment variables afterwards (nnU-Net's folders are process-wide)."""
-    from flare_utils.layout import environment
+    from flare_utils.utilities.environment import environment
     return environment(**{k: os.environ.get(k) for k in keys})
 
 
@@ -33,8 +33,8 @@ def build_tiny(base: Path, dataset: int = DATASET) -> Path:
     from flare_utils.data.convert import convert_flare22
     from flare_utils.synthetic.phantom import write_cohort
     from flare_utils.planning.plans import plan_and_preprocess
-    from flare_utils.training.api import point_nnunet_at
-    point_nnunet_at(root)
+    from flare_utils.layout import RunLayout
+    RunLayout(root).activate()
     write_cohort(root / "cohort", 5, 3, 1, preset="tiny", fov_mix="abdomen")
     convert_flare22(root / "cohort", root / "nnUNet_raw", dataset, "PseudoTiny")
     plan_and_preprocess(dataset, (tiny_variant(),), processes=1, verify=False)

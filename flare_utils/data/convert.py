@@ -1,47 +1,14 @@
 """FLARE22 folders -> an nnU-Net v2 raw dataset, with the unlabelled images registered beside it.
 
-Input layout (the FLARE22 release and the project's synthetic generator use these folder names)::
+`convert_flare22(root, raw_root, dataset_id)` finds the FLARE22 folders (`Flare22Layout.discover`,
+or a `Flare22Layout` with explicit folders) and writes `DatasetNNN_Name/` with imagesTr/labelsTr,
+imagesTs/labelsTs, imagesUnlabelled, dataset.json and a manifest, checking every file on the way
+(ids, image/label pairs and geometry, label values), so bad data fails here, not during training.
+The source folders are only read; the dataset is built in a temporary sibling and renamed into
+place, and a re-run with unchanged inputs reuses it. With hard links (`link`) the dataset shares
+the source's files: never edit dataset files in place.
 
-    root/Training/FLARE22_LabeledCase50/images/<case>_0000.nii.gz
-    root/Training/FLARE22_LabeledCase50/labels/<case>.nii.gz
-    root/Training/FLARE22_UnlabeledCase*/<case>_0000.nii.gz        (one or several folders)
-    root/Validation/images/<case>_0000.nii.gz                       (or root/Tuning/...)
-    root/Validation/labels/<case>.nii.gz                            (optional)
-
-`Flare22Layout.discover(root)` finds these (and common variants); users with other layouts build a
-`Flare22Layout` with explicit folders.
-
-Output (`convert_flare22`)::
-
-    raw_root/DatasetNNN_Name/
-        imagesTr/<case>_0000.nii.gz   labelsTr/<case>.nii.gz      labelled training cases
-        imagesTs/<case>_0000.nii.gz   labelsTs/<case>.nii.gz      validation cases (labels optional)
-        imagesUnlabelled/<case>_0000.nii.gz                         unlabelled cases
-        dataset.json                                                nnU-Net v2 dataset description
-        manifest.json                                               every case, its source and grid
-
-Rules:
-
-* Case ids: an image's id is its file name without `.nii.gz`/`.nii` and without a trailing `_0000`
-  channel suffix (so `a_0000.nii.gz` and `a.nii.gz` are both case `a`); a label's id is its file
-  name without the extension. Ids made only of letters, digits, `_` and `-` are kept; other
-  characters become `_` (the renaming is listed in the manifest). An id used twice, within a
-  folder or across the labelled, validation and unlabelled sets, is an error.
-* Every labelled image needs a label and every label an image (also in the validation set when it
-  has a labels folder). Image and label must have the same shape, spacing, origin and direction
-  (tolerances of `flare_utils.data.io.Geometry.mismatch`). Labels must be integer-valued with values in
-  0..13; they are always rewritten as uint8 with the image's header geometry (qform and sform).
-* Images are copied byte for byte, hard-linked or symlinked (`link`); an image that is not a 3D
-  `.nii.gz` file (`.nii`, or 4D with a singleton 4th axis) is re-encoded instead. A hard link that
-  the file system refuses falls back to a copy (the manifest says which was done). With hard links
-  the dataset shares the source's files: never edit dataset files in place.
-* Every file is read in full, so truncated or corrupt files fail here, not during training.
-* The dataset is built in a hidden temporary sibling folder and renamed into place at the end: on
-  any error nothing is left behind. The source folders are only read.
-* Re-running with the same inputs (same files, sizes and modification times) returns the existing
-  dataset at once (`ConvertResult.reused`; the link mode is not part of that identity); a target
-  built from other inputs, an incomplete one or a folder without our manifest is an error unless
-  `overwrite=True`. Another `DatasetNNN_*` folder with the same id in raw_root is an error.
+Details: docs/reference/data_conversion.md
 """
 from __future__ import annotations
 
@@ -453,7 +420,7 @@ def _is_complete(target: Path, manifest: dict) -> bool:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def convert_flare22(layout_or_root: Flare22Layout | str | Path, raw_root: str | Path, dataset_id: int,

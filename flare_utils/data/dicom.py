@@ -1,46 +1,13 @@
 """A DICOM CT series (one file per slice) -> a NIfTI volume, with pydicom.
 
-Compressed transfer syntaxes are decoded by pydicom's plugins (pylibjpeg + pylibjpeg-openjpeg
-for JPEG 2000).
+`dicom_series_to_nifti(folder, out_path)` reads one folder (not recursive), skips hidden and
+non-image DICOM files, and builds the volume by the same geometry rules as dcm2niix/ITK: slices
+ordered by position along the slice normal (never by InstanceNumber or file name), spacing from
+the positions, and missing, duplicate or unevenly spaced slices reported as errors naming the
+files. Several series in one folder are an error unless `series_uid=` picks one. Intensities are
+HU (rescale slope and intercept applied); arrays are in NIfTI's (i, j, k) order with a RAS affine.
 
-Files in the folder (not recursive)
-    * hidden files (name starting with '.') are skipped;
-    * DICOM files that are not images (no Rows/Columns and a SOP class that pydicom knows and
-      that is not an "... Image Storage" class: DICOMDIR, structured reports, RT structure sets,
-      presentation states) are skipped; a file named DICOMDIR is always skipped. A DICOM file
-      of an image class (or of an unknown class) without Rows/Columns is an error: pydicom
-      stops quietly at the end of a truncated file, so this is how truncation shows;
-    * every other file must be a readable DICOM image, else FlareInputError naming the file.
-      Files without the 128-byte preamble + 'DICM' are accepted when pydicom can still parse them
-      as an image.
-    * Images are grouped by SeriesInstanceUID (anonymised data may leave it empty: that is one
-      series). Several series -> FlareInputError listing each UID, its slice count and
-      description, unless `series_uid=` picks one.
-
-Geometry (the same rules as dcm2niix/ITK, written out)
-    * All slices must share ImageOrientationPatient (to ORIENTATION_ATOL), Rows, Columns and
-      PixelSpacing; single-frame images only.
-    * The slice normal is n = row direction x column direction (ImageOrientationPatient[:3] x
-      ImageOrientationPatient[3:]). Slices are ordered by d = n . ImagePositionPatient, never by
-      InstanceNumber or file name.
-    * The slice spacing comes from the positions: the mean gap (d_last - d_first) / (n - 1).
-      SliceThickness and SpacingBetweenSlices are not used (SliceThickness is often not the
-      spacing, e.g. 3 mm slices reconstructed every 2 mm).
-    * Tolerance: with the median gap g, every gap must lie within SLICE_GAP_ATOL_MM +
-      SLICE_GAP_RTOL * g (0.05 mm + 1 %) of g. Two slices closer than SLICE_GAP_ATOL_MM are
-      duplicates; a gap close to k * g (k >= 2) means k - 1 missing slices; other gaps are
-      non-uniform spacing. Each is an error naming the files on both sides. Slice positions that
-      drift sideways (gantry tilt, sheared stacks) by more than the same tolerance are an error too.
-      At least two slices are needed.
-    * Output array axes (i, j, k) = (column, row, slice): voxel [i, j, k] is pixel_array[j, i] of
-      the k-th slice. Affine in DICOM LPS: columns row_dir * PixelSpacing[1],
-      col_dir * PixelSpacing[0], n * spacing; origin = ImagePositionPatient of the first slice
-      (smallest d). NIfTI is RAS, so the first two rows are negated.
-
-Intensities
-    Per slice, HU = stored value * RescaleSlope + RescaleIntercept (1 and 0 when absent; a Modality
-    LUT Sequence is not supported). The volume is int16 when every slope and intercept is an
-    integer and the values fit in int16, else float32.
+Details: docs/reference/data_conversion.md
 """
 from __future__ import annotations
 

@@ -1,47 +1,13 @@
 """A folder of one binary mask per structure (e.g. TotalSegmentator output) -> one FLARE22 label map.
 
-File names
-    Each NIfTI file (`.nii.gz`/`.nii`; hidden and other files are skipped) is one structure, named
-    by its file name. Names are resolved with `labels.label_for` (FLARE, TotalSegmentator, BTCV/AMOS
-    spellings). Structures that are not FLARE22 organs are ignored (not even read) and listed in
-    `MultiMaskReport.ignored`. Two files resolving to the same organ are an error, unless they are
-    raters of it (below).
+`convert_mask_folder(mask_dir, out_path)` (or `masks_to_label_map`) names each mask's organ from
+its file name (FLARE, TotalSegmentator, BTCV/AMOS spellings; other structures are ignored),
+combines several raters of one structure (`raters=`, majority by default), requires 0/1 masks
+(`threshold=` for others) on one shared geometry, and resolves voxels claimed by several organs
+(`overlap=`, the smallest organ wins by default). The `MultiMaskReport` says what was ignored and
+which voxels moved between organs. One boolean array per used organ is held in memory at once.
 
-Raters
-    A name whose normalised form (`labels.normalize_name`) ends in a rater suffix is one rater's mask
-    of the structure before the suffix. Rater suffixes (RATER_PATTERN): `rater<N>`, `reader<N>`,
-    `annotator<N>`, `vis<N>` with an optional `_` before and between (so `liver_rater1`,
-    `liver_rater_2`, `GTV-1vis3`), and `_r<N>` (`liver_r2`). N is the rater number. The raters
-    of one structure are combined by `raters=`:
-      * "majority" (default): a voxel is on when more than half of the raters have it on
-        (with two raters this needs both);
-      * "union" / "intersection": any / all raters;
-      * an int N: rater N's mask only (an error when a structure has no rater N).
-    A structure given both with and without rater suffixes is an error.
-
-Values
-    A mask must hold only 0 and 1 (any integer, float or bool type). Other values (for example a
-    probability map or 0/255) are an error, unless `threshold=t` is given: then a voxel is on where
-    value >= t. NaN is always an error.
-
-Geometry
-    All masks that are used must share the first used mask's geometry (shape, spacing, origin and
-    direction, tolerances of `io.Geometry.mismatch`); the error names the file that differs. The
-    label map is written on that grid (the first used mask's header: qform/sform kept).
-
-Overlaps
-    Voxels claimed by several organs are resolved by `overlap=`:
-      * "smallest_wins" (default): the organ with fewer voxels in its mask wins (ties: the higher
-        FLARE label). Small structures such as the adrenal glands, vessels and the gallbladder are
-        typically drawn inside or against large ones (liver, kidneys, stomach), so a small organ's
-        boundary voxels are more informative than a large organ's;
-      * "label_order": the higher FLARE label wins;
-      * "error": any overlap is an error.
-    The report counts, for every pair of organs, the voxels in both masks (`overlaps`), and for
-    every (loser, winner) pair the voxels of the loser's mask that went to the winner (`moved`),
-    so that label_voxels[o] == mask_voxels[o] - sum(moved[(o, w)] for every w).
-
-Memory: one boolean array per used organ is held at once (13 x the voxel count in bytes).
+Details: docs/reference/data_conversion.md
 """
 from __future__ import annotations
 

@@ -1,51 +1,16 @@
 """nnU-Net v2 plans for the FLARE22 recipes: nnU-Net's own planning, plus the papers' variants.
 
-`plan_and_preprocess(dataset_id, variants)` runs nnU-Net v2's fingerprint extraction and its default
-`ExperimentPlanner` in-process (writing the stock `nnUNetPlans.json`), derives one plans file per
-requested variant from it (`nnUNetPlans_<variant>.json`, 3d_fullres only) and preprocesses each with
-nnU-Net's own `DefaultPreprocessor` under that plans identifier. The files are ordinary nnU-Net
-plans: `nnUNetv2_train DATASET 3d_fullres FOLD -p nnUNetPlans_accurate` and `nnUNetv2_predict` use
-them unchanged.
+`plan_and_preprocess(dataset_id, variants)` runs nnU-Net v2's own fingerprinting and planner,
+derives one plans file per requested variant (`nnUNetPlans_<variant>.json`, 3d_fullres only:
+`accurate`/`efficient` from the FLARE22 winner's paper, `lowfootprint`, CPU `*_demo` scales) and
+preprocesses each with nnU-Net's preprocessor. The files are ordinary nnU-Net plans, so
+`nnUNetv2_train ... -p nnUNetPlans_accurate` and `nnUNetv2_predict` use them unchanged.
+Patch sizes and spacings here are (z, y, x), slice axis first.
 
-Variants (`PLAN_VARIANTS`):
+nnunetv2 is imported lazily and reads nnUNet_raw/_preprocessed/_results when used: point them at
+a run first (`flare_utils.layout.RunLayout(run_dir).activate()`).
 
-=================  ==========================================================================
-default            nnU-Net's 3d_fullres exactly as planned (plans identifier `nnUNetPlans`)
-accurate           big teacher, Table 1 of "Revisiting nnU-Net for Iterative Pseudo Labeling and
-                   Efficient Sliding Window Inference" (FLARE22 winner): 32 base features (cap
-                   512), 3 convs per stage, 5 downsamplings, patch 48x224x224, spacing 2.5x0.8x0.8
-efficient          small student of the same table: 16 features (cap 256), 2 convs, 4
-                   downsamplings, patch 32x128x192, spacing 4.0x1.2x1.2
-lowfootprint       the default with half the features at every stage (noisy-student paper)
-accurate_demo      the accurate recipe at CPU demo scale (3 convs, 4 downsamplings, 16 features,
-                   patch 32x64x64, spacing 3.0x2.0x2.0)
-efficient_demo     the efficient recipe at CPU demo scale (2 convs, 3 downsamplings, 8 features,
-                   patch 24x48x64, spacing 4.0x3.0x3.0)
-=================  ==========================================================================
-
-Axis order. Every `patch_size_zyx` / `spacing_zyx` here is (z, y, x): slice axis first. nnU-Net
-stores `spacing` and `patch_size` of a configuration in the axis order of its preprocessed arrays,
-i.e. the reader's array order permuted by the plans' `transpose_forward`. All of nnU-Net's 3D
-NIfTI readers return (z, y, x) arrays (voxel axes k, j, i) with the spacing reversed to match:
-`SimpleITKIO` natively, `NibabelIO`/`NibabelIOWithReorient` by transposing nibabel's (i, j, k)
-(verified: `verify_preprocessed` compares with SimpleITK's own reading of a raw image). The
-derived plans therefore set `transpose_forward = [0, 1, 2]` for variants with an explicit geometry,
-so the stored spacing and patch are exactly the requested (z, y, x) values (nnU-Net's planner may
-choose another transpose, e.g. for nearly isotropic data; the `default`/`lowfootprint` variants
-keep nnU-Net's choice and `describe_plans(...)["axis_order"]` says which).
-
-Topology. Pooling strides and convolution kernels come from nnU-Net's
-`get_pool_and_conv_props(spacing, patch, 4, ...)` (anisotropy-aware: in-plane pooling first while
-the slice spacing is more than twice the in-plane one, 1x3x3 kernels at that resolution), cut to
-the requested number of downsamplings. The patch must be divisible by the resulting total stride
-per axis; an impossible request is a `FlareInputError` naming the variant.
-
-Without any data, `skeleton_base_plans()` gives a base plans dict shaped like the planner's output
-for FLARE22 CT, so that `count_parameters(make_plan_variant(skeleton_base_plans(), "accurate"))`
-works (84.9M parameters; `efficient`: 5.6M; the papers report 82M and 5.4M).
-
-nnunetv2 is imported lazily: nnU-Net reads nnUNet_raw/_preprocessed/_results when its modules are
-used, so point them at a run first (`flare_utils.layout.use_nnunet_folders`).
+Details: docs/reference/plans.md
 """
 from __future__ import annotations
 
@@ -61,9 +26,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from flare_utils.data.io import atomic_write_json
 from flare_utils.errors import FlareInputError
 from flare_utils.data.labels import dataset_json_labels
-from flare_utils.layout import environment
+from flare_utils.layout import nnunet_folders
+from flare_utils.utilities.environment import environment
 
 __all__ = [
     "PlanVariant", "PLAN_VARIANTS", "DEFAULT_PLANS_IDENTIFIER", "CONFIGURATION",
@@ -148,6 +115,15 @@ def get_variant(variant: str | PlanVariant) -> PlanVariant:
 
 def plans_identifier(variant: str | PlanVariant) -> str:
     return get_variant(variant).plans_identifier
+
+
+def resolve_plans_identifier(name: str, plan_variants: Iterable[str | PlanVariant | Mapping[str, Any]] = ()) -> str:
+    """The plans identifier that `name` stands for: a plan variant's (one of `plan_variants` — names,
+    PlanVariants or dicts of PlanVariant fields, as in params' teacher.plan_variants — or of
+    PLAN_VARIANTS); anything else is a plans identifier already ("nnUNetPlans_efficient_demo")."""
+    own = {v.name if isinstance(v, PlanVariant) else v.get("name") if isinstance(v, Mapping) else v
+           for v in plan_variants}
+    return PlanVariant(name=name).plans_identifier if name in own or name in PLAN_VARIANTS else name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,7 +387,7 @@ def load_plans(plans: str | Path | Mapping[str, Any], dataset: int | str | None 
         return json.loads(p.read_text())
     if dataset is None:
         raise FlareInputError(None, f"plans identifier {plans!r} needs a dataset id or name to be found")
-    f = _preprocessed_dir(dataset) / f"{plans}.json"
+    f = nnunet_folders().preprocessed_dataset(dataset) / f"{plans}.json"
     if not f.is_file():
         raise FlareInputError(f, "plans file not found (run plan_and_preprocess first)")
     return json.loads(f.read_text())
@@ -499,21 +475,6 @@ def _axis_order(plans: Mapping[str, Any]) -> str:
 # Planning and preprocessing with nnU-Net (files)
 # ----------------------------------------------------------------------------------------------
 
-def _dataset_name(dataset: int | str) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    try:
-        return str(maybe_convert_to_dataset_name(dataset))
-    except RuntimeError as e:
-        raise FlareInputError(os.environ.get("nnUNet_raw"), f"dataset {dataset!r} not found: {e}") from e
-
-
-def _preprocessed_dir(dataset: int | str) -> Path:
-    root = os.environ.get("nnUNet_preprocessed")
-    if not root:
-        raise FlareInputError(None, "nnUNet_preprocessed is not set (call flare_utils.layout.use_nnunet_folders)")
-    return Path(root) / _dataset_name(dataset)
-
-
 @contextlib.contextmanager
 def _quiet(enabled: bool, log_file: Path | None):
     """Send nnU-Net's chatter to a log file (or nowhere) when `enabled`."""
@@ -581,8 +542,7 @@ def plan_and_preprocess(dataset_id: int | str, variants: Iterable[str | PlanVari
     Planning and preprocessing use spawned worker processes: call it under
     `if __name__ == "__main__":` in scripts (notebooks need nothing).
     """
-    from flare_utils.training.api import point_nnunet_at
-    point_nnunet_at(run_dir)
+    folders = nnunet_folders(run_dir)
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                        preprocess_dataset)
@@ -594,10 +554,10 @@ def plan_and_preprocess(dataset_id: int | str, variants: Iterable[str | PlanVari
     if len(set(names)) != len(names):
         raise FlareInputError(None, f"plan variants requested twice: {names}")
     processes = max(1, int(processes))
-    dataset_name = str(_dataset_name(dataset_id))
+    dataset_name = folders.dataset_name(dataset_id)
     dataset_num = int(dataset_name[len("Dataset"):len("Dataset") + 3])
-    raw = Path(os.environ["nnUNet_raw"]) / dataset_name
-    pre = Path(os.environ["nnUNet_preprocessed"]) / dataset_name
+    raw = folders.raw / dataset_name
+    pre = folders.preprocessed / dataset_name
     pre.mkdir(parents=True, exist_ok=True)
     log = pre / "flare_plan_and_preprocess.log"
     dataset_json = json.loads((raw / "dataset.json").read_text())
@@ -649,20 +609,7 @@ def plan_and_preprocess(dataset_id: int | str, variants: Iterable[str | PlanVari
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    atomic_write_json(path, obj, indent=2)
 
 
 def verify_preprocessed(dataset: int | str, plans_id: str, variant: str | PlanVariant | None = None,
@@ -678,9 +625,9 @@ def verify_preprocessed(dataset: int | str, plans_id: str, variant: str | PlanVa
     import SimpleITK as sitk
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    name = _dataset_name(dataset)
-    pre = Path(os.environ["nnUNet_preprocessed"]) / name
-    raw = Path(os.environ["nnUNet_raw"]) / name
+    folders = nnunet_folders()
+    name = folders.dataset_name(dataset)
+    pre, raw = folders.preprocessed / name, folders.raw / name
     plans = json.loads((pre / f"{plans_id}.json").read_text())
     cfg = plans["configurations"][CONFIGURATION]
     a = cfg["architecture"]["arch_kwargs"]

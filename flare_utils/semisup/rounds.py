@@ -1,45 +1,14 @@
 """Iterative pseudo labelling (FLARE22 winner): K rounds of labels for the unlabelled set.
 
-Round 1: the teacher ensemble (the trained folds of an nnU-Net results folder) predicts every
-unlabelled case in the paper's *accurate* setting - nnU-Net's full sliding window (step 0.5,
-Gaussian), softmax averaged over the folds (and over nnU-Net's mirroring when `tta=True`), argmax,
-hard labels written as uint8 NIfTI in the case's original geometry. The predictor is the project's
-`flare_utils.inference.predictor.EfficientPredictor` in `mode="full"` (an nnU-Net `nnUNetPredictor`).
+Round 1: the teacher ensemble predicts every unlabelled case in the paper's *accurate* setting
+(nnU-Net's full sliding window, softmax averaged over the folds). Rounds 2..K: a big model is
+retrained on the labelled cases + ALL pseudo labels of the previous round, then predicts again.
+The K label maps per case feed the stability selection (`flare_utils.semisup.selection`).
+Each round is a folder `<run_dir>/pseudo_labels/round_NN/`; nothing is ever overwritten, and an
+interrupted run resumes: finished rounds are skipped, finished cases kept (labels are written
+atomically), and a round folder made with another model/folds/tta is an error.
 
-Rounds 2..K: a big model is retrained on the labelled cases + ALL pseudo-labelled cases of the
-previous round (`FlarePseudoLabelTrainer` through `flare_utils.training.train`, with a selection
-file listing every case of round k-1), then predicts the unlabelled set again.
-
-Layout (nothing is ever overwritten; every round keeps its labels)::
-
-    <run_dir>/pseudo_labels/
-        round_01/<case>.nii.gz ...   labels of round 1 (teacher ensemble)
-                 request.json        what the round is made with (model, folds, tta); written first
-                 cases.jsonl         one JSON record per predicted case, appended as cases finish
-                 cases.csv           the same, one row per case, case order (written at the end)
-                 round.json          completion marker / manifest (cases, model, timings, memory)
-        round_02/<case>.nii.gz ...
-                 training_selection.json   selection file (all round-1 cases) for the retraining
-                 model/              the retrained model: plans.json, dataset.json, fold_all/
-                                     checkpoint_final.pth, logs; `flare_round_model.json` = complete
-        ...
-        rounds.json                  summary of the completed rounds
-
-Resuming. A round whose `round.json` lists the requested cases is skipped. Otherwise its cases
-whose `<case>.nii.gz` exists are kept and only the others are predicted: label files are written
-atomically (temporary sibling + rename, `flare_utils.data.io`), so an existing file is always a
-finished one; stale temporaries of a killed run are deleted. A retrained model is reused when its
-marker exists (training is not resumed mid-way: an interrupted training restarts). A round folder
-made with another model/folds/tta is a FlareInputError (use a new run_dir or delete the folder).
-
-Memory. Cases are predicted one at a time and nothing per case is kept but a small record; each
-record holds the process RSS after the case (`rss_mib`, /proc/self/statm) and the lifetime peak
-(`peak_rss_mib`, getrusage ru_maxrss), so `cases.csv` shows whether memory stays flat over
-hundreds of cases; `round.json["memory"]` compares case 10 with the last case.
-
-Per-case records also carry the organ volumes (ml) of the written label, so per-round volume
-tables need no re-reading. `round_agreement`, `round_volumes` and `pseudo_label_quality` (against
-ground truth, e.g. the synthetic cohort's `SyntheticTruth/unlabelled_labels`) feed notebook 03.
+Details: docs/reference/pseudo_labels.md
 """
 from __future__ import annotations
 
@@ -47,7 +16,6 @@ import datetime as _dt
 import json
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,16 +26,19 @@ import pandas as pd
 
 from flare_utils.utilities.progress import report as report_progress
 from flare_utils.errors import FlareInputError
-from flare_utils.data.io import atomic_write_text, case_id_from_path, read_label_map
+from flare_utils.data.io import (atomic_write_json, atomic_write_text, case_id_from_path, json_default, list_nifti,
+                                 read_label_map, remove_stale_temporaries)
+from flare_utils.inference.folds import available_folds, normalise_folds
 from flare_utils.data.labels import LABELS
+from flare_utils.layout import RunLayout
+from flare_utils.utilities.memory import current_rss_mib, peak_rss_mib
 from flare_utils.study.models import snapshot_model
 
-__all__ = ["PSEUDO_DIR", "PSEUDO_TRAINER", "RoundInfo", "round_dir", "unlabelled_images", "completed_rounds",
+__all__ = ["PSEUDO_TRAINER", "RoundInfo", "round_dir", "unlabelled_images", "completed_rounds",
            "read_round", "round_request", "predict_round", "retrain_round", "run_rounds", "round_cases",
            "round_table", "round_volumes", "round_agreement", "pseudo_label_quality", "memory_summary",
-           "default_predictor_factory", "current_rss_mib"]
+           "default_predictor_factory"]
 
-PSEUDO_DIR = "pseudo_labels"
 PSEUDO_TRAINER = "FlarePseudoLabelTrainer"
 REQUEST_FILE = "request.json"
 RECORDS_FILE = "cases.jsonl"
@@ -79,7 +50,6 @@ MODEL_DIR = "model"
 MODEL_MARKER = "flare_round_model.json"
 MANIFEST_FORMAT = "flare_utils.pseudo_round/1"
 _PSEUDO_TRAINER_MODULE = "flare_utils.training.with_pseudo_labels"
-MIB = 1024.0 * 1024.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,26 +57,7 @@ MIB = 1024.0 * 1024.0
 
 def round_dir(run_dir: str | Path, k: int) -> Path:
     """`<run_dir>/pseudo_labels/round_<k:02d>` (k >= 1)."""
-    if int(k) < 1:
-        raise FlareInputError(None, f"rounds are numbered from 1, got {k}")
-    return Path(run_dir) / PSEUDO_DIR / f"round_{int(k):02d}"
-
-
-def current_rss_mib() -> float:
-    """Resident set size of this process now (MiB)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
-    except (OSError, ValueError, IndexError):  # not Linux
-        try:
-            import psutil
-            return psutil.Process().memory_info().rss / MIB
-        except Exception:
-            return float("nan")
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
+    return RunLayout(run_dir).pseudo_round(k)
 
 
 def _now() -> str:
@@ -120,46 +71,14 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (Path,)):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def _remove_stale_temporaries(folder: Path) -> int:
-    """Temporary files of interrupted atomic writes (`.<name>.<hex>.tmp...`)."""
-    n = 0
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.is_file() and p.name.startswith(".") and ".tmp" in p.name:
-                try:
-                    p.unlink()
-                    n += 1
-                except OSError:
-                    pass
-    return n
-
-
 def unlabelled_images(unlabelled_dir: str | Path, cases: Iterable[str] | None = None) -> dict[str, Path]:
     """{case id: image} of a folder of unlabelled CT images `<case>_0000.nii.gz` (nnU-Net naming,
     as in `imagesUnlabelled` and the FLARE22 unlabelled folder); `cases` picks a subset."""
     folder = Path(unlabelled_dir)
     if not folder.is_dir():
         raise FlareInputError(folder, "unlabelled images folder not found")
-    found: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.name.endswith(("_0000.nii.gz", "_0000.nii")):
-            found[case_id_from_path(p, channel_suffix=True)] = p
+    found = {case_id_from_path(p, channel_suffix=True): p
+             for p in list_nifti(folder, suffixes=("_0000.nii.gz", "_0000.nii"))}
     if cases is not None:
         wanted = [str(c) for c in cases]
         missing = [c for c in wanted if c not in found]
@@ -170,15 +89,6 @@ def unlabelled_images(unlabelled_dir: str | Path, cases: Iterable[str] | None = 
         raise FlareInputError(folder, "no unlabelled image (<case>_0000.nii.gz) in the folder")
     return found
 
-
-
-def _available_folds(model_dir: Path, checkpoint: str = "checkpoint_final.pth") -> list:
-    out = []
-    for p in sorted(model_dir.glob("fold_*")):
-        if (p / checkpoint).is_file():
-            s = p.name[len("fold_"):]
-            out.append(int(s) if s.isdigit() else s)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +175,7 @@ def round_request(run_dir: str | Path, k: int) -> dict[str, Any]:
 
 def completed_rounds(run_dir: str | Path) -> list[int]:
     """Numbers of the rounds with a completion marker, ascending."""
-    root = Path(run_dir) / PSEUDO_DIR
+    root = RunLayout(run_dir).pseudo_labels
     out = []
     if root.is_dir():
         for p in sorted(root.glob("round_*")):
@@ -290,7 +200,7 @@ def _read_records(path: Path) -> dict[str, dict]:
 
 
 def _append_record(path: Path, record: dict) -> None:
-    line = json.dumps(record, default=_json_default)
+    line = json.dumps(record, default=json_default)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
         f.flush()
@@ -350,12 +260,11 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
     model_dir = Path(model_dir).resolve()
     images = unlabelled_images(unlabelled_dir, cases)
     ids = list(images)
-    from flare_utils.inference.predictor import normalise_folds
     folds_l = None if folds is None else list(normalise_folds(folds))
     if folds_l is None:
         if not model_dir.is_dir():
             raise FlareInputError(model_dir, "model folder not found")
-        folds_l = _available_folds(model_dir)
+        folds_l = available_folds(model_dir)
         if not folds_l:
             raise FlareInputError(model_dir, "no fold_N/checkpoint_final.pth in the model folder")
     request = {"round": int(k), "model": str(model_dir), "folds": [str(f) for f in folds_l], "tta": bool(tta),
@@ -372,8 +281,8 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
     folder.mkdir(parents=True, exist_ok=True)
     _check_request(folder, request)
     if not (folder / REQUEST_FILE).is_file():
-        _write_json(folder / REQUEST_FILE, {**request, "created": _now()})
-    _remove_stale_temporaries(folder)
+        atomic_write_json(folder / REQUEST_FILE, {**request, "created": _now()})
+    remove_stale_temporaries(folder)
     (folder / MANIFEST_FILE).unlink(missing_ok=True)       # the case list changed: not complete any more
     records_path = folder / RECORDS_FILE
     records = _read_records(records_path)
@@ -395,7 +304,7 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
             seconds = time.perf_counter() - t0
             voxel_ml = _voxel_ml(images[case])
             rec = {"case": case, "index": n, "pid": pid, "seconds": round(seconds, 4),
-                   "rss_mib": round(current_rss_mib(), 2), "peak_rss_mib": round(_peak_rss_mib(), 2),
+                   "rss_mib": round(current_rss_mib(), 2), "peak_rss_mib": round(peak_rss_mib(), 2),
                    "recovered": False, **_label_record(label, voxel_ml)}
             del label
             _append_record(records_path, rec)
@@ -416,7 +325,7 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
                      tta=bool(tta), cases=ids, n_cases=len(ids), n_predicted=len(todo), n_reused=n_reused,
                      predict_s=round(predict_s, 3), training=dict(training) if training else None,
                      memory=memory_summary(session), device=device_used, created=_now())
-    _write_json(folder / MANIFEST_FILE, info.to_dict())
+    atomic_write_json(folder / MANIFEST_FILE, info.to_dict())
     _write_summary(run_dir)
     return info
 
@@ -440,8 +349,8 @@ def _check_request(folder: Path, request: Mapping[str, Any]) -> None:
 
 def _write_summary(run_dir: str | Path) -> None:
     rounds = [read_round(run_dir, k) for k in completed_rounds(run_dir)]
-    _write_json(Path(run_dir) / PSEUDO_DIR / SUMMARY_FILE,
-                {"rounds": [{k: v for k, v in r.to_dict().items() if k != "cases"} for r in rounds if r]})
+    atomic_write_json(RunLayout(run_dir).pseudo_labels / SUMMARY_FILE,
+                      {"rounds": [{k: v for k, v in r.to_dict().items() if k != "cases"} for r in rounds if r]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,7 +417,6 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
     fn = train_fn or _default_train_fn
     t0 = time.perf_counter()
     results = None
-    from flare_utils.inference.predictor import normalise_folds
     folds_l = list(normalise_folds(folds) or ("all",))
     for f in folds_l:
         say(f"round {k}: training {trainer} fold {f} on labelled + {len(prev.cases)} pseudo-labelled cases")

@@ -1,51 +1,13 @@
 """Stability-based selection of pseudo labels (FLARE22 winner, equation (1)).
 
-After K pseudo-labelling rounds (`flare_utils.semisup.rounds`), every unlabelled case has K label maps
-y_1 .. y_K. Its *stability score* is
+After K pseudo-labelling rounds (`flare_utils.semisup.rounds`), a case's stability score u is the
+mean over consecutive round pairs of the voxels whose label changed, relative to the later round's
+foreground. Small u = the rounds agree = a reliable pseudo label; the paper keeps u < 0.1.
+`select_pseudo_labels(...)` scores every case, selects by threshold or fraction (`select_cases`),
+and writes atomically the scores table and the selection files the pseudo-label trainers read.
+A case whose organs vanished between two rounds has u = inf and is never selected.
 
-    u = 1/(K-1) * sum_{i=2..K}  SUM(y_i != y_{i-1}) / SUM(y_i > 0)
-
-i.e. the mean over consecutive round pairs of the number of voxels whose label changed, relative
-to the foreground volume of the later round. Small u = the rounds agree = a reliable pseudo label;
-the paper keeps the cases with u below 0.1 for the student.
-
-Empty predictions (SUM(y_i > 0) = 0, the ratio is 0/0 or c/0)
----------------------------------------------------------------
-* y_i and y_{i-1} both empty: nothing changed, the term is **0** (0/0 := 0). A case empty in every
-  round therefore has u = 0, exactly what equation (1) says about "nothing ever changed"; the
-  scores table flags such cases (`empty_last`) and `select_cases(..., exclude_empty=True)` drops
-  them for users who do not want empty pseudo labels (a FLARE abdomen CT always holds organs; a
-  head-only scan legitimately does not, so the default keeps them, as the equation does).
-* y_i empty but y_{i-1} not: the organs vanished between two rounds, the term is **+inf**, so
-  u = inf. Such a case is maximally unstable and is never selected, neither by a threshold nor by
-  a fraction (non-finite scores are not eligible).
-* y_{i-1} empty, y_i not: an ordinary term, SUM(y_i != y_{i-1}) / SUM(y_i > 0) (1.0 when every
-  foreground voxel of y_i is new).
-
-Errors: fewer than two rounds (K < 2: no pair to compare), a case missing from some round, or two
-rounds whose label maps of one case differ in geometry (shape, spacing, origin, direction) are
-`FlareInputError`s naming the round folder / file.
-
-Selection
----------
-`select_cases(scores, threshold=0.1)` keeps u < threshold (strictly below, the paper's "u below
-0.1"); `select_cases(scores, fraction=0.3)` keeps the round(0.3 * N) most stable cases (round half
-up, at least one when the fraction is > 0), lowest u first, ties broken by case id, never a case
-with u = inf. `select_pseudo_labels(...)` does everything: scores every case of the round
-folders, selects, and writes atomically
-
-* `<out_dir>/stability_scores.csv` - every case: u, the per-pair terms, foreground of the last
-  round, rank, selected (written even when nothing is selected);
-* `<out_dir>/selection.json` - the selection file the pseudo-label trainers read
-  (`flare_utils.training.with_pseudo_labels.write_selection_file` format: case ids, the unlabelled images
-  folder, the chosen round's label folder, meta with the rule and the scores);
-* `<out_dir>/selection_all.json` - the same format with every scored case (the "all pseudo
-  labels" baseline of the paper's Table 5);
-* `<out_dir>/selection_summary.json` - rule, counts, score statistics.
-
-Round-to-round agreement (`compare_labels`) computes, in one pass over a pair of label maps, the
-changed voxels, both foreground volumes and the Dice of every organ (both empty: 1, one empty: 0,
-as in FLARE22); `flare_utils.semisup.rounds.round_agreement` uses it for the notebooks.
+Details: docs/reference/selection.md
 """
 from __future__ import annotations
 
@@ -59,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from flare_utils.errors import FlareInputError
-from flare_utils.data.io import Geometry, atomic_write_text, case_id_from_path, read_label_map
+from flare_utils.data.io import Geometry, atomic_write_text, nifti_by_case, read_label_map
 from flare_utils.data.labels import LABELS
 from flare_utils.utilities.parallel import map_processes
 
@@ -137,14 +99,7 @@ def label_files(folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FlareInputError(folder, "round folder not found")
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.name.endswith((".nii.gz", ".nii")):
-            cid = case_id_from_path(p)
-            if cid in out:
-                raise FlareInputError(p, f"case {cid!r} is in this folder twice (.nii and .nii.gz)")
-            out[cid] = p
-    return out
+    return nifti_by_case(folder)
 
 
 def check_rounds(round_dirs: Sequence[str | Path], cases: Iterable[str] | None = None) -> list[str]:
@@ -281,7 +236,7 @@ def select_cases(scores: pd.DataFrame | pd.Series | Mapping[str, float], thresho
 def write_trainer_selection(path: str | Path, cases: Sequence[str], labels_folder: str | Path,
                             images_folder: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
     """Write the selection file that the pseudo-label trainers read - the ONE place that knows its
-    format (`flare_utils.training.with_pseudo_labels.write_selection_file`, which validates every file)."""
+    format (`flare_utils.semisup.selection_file.write_selection_file`, which validates every file)."""
     from flare_utils.semisup.selection_file import write_selection_file
     return write_selection_file(path, list(cases), labels_folder, images_folder, meta=dict(meta or {}))
 

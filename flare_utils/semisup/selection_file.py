@@ -1,33 +1,22 @@
 """The selection file: which pseudo-labelled (or unlabelled) cases a trainer adds, and where they are.
 
-The selection stage writes (`write_selection_file`) and the trainers read (`read_selection_file`)::
+The selection stage writes it (`write_selection_file`) and the trainers read it
+(`read_selection_file`): a JSON file with the case ids, the images folder, the labels folder
+(null: images only, for CPS) and free-form meta. Relative folders are relative to the selection
+file's folder. Reading checks everything before any training: unknown case ids, missing pseudo
+label files and ids that are also labelled training cases are errors naming them.
 
-    {
-      "format": "flare_utils.pseudo_selection/1",
-      "cases": ["Case_00001", "Case_00007"],          # case ids, unique, non-empty
-      "images_folder": "/run/nnUNet_raw/Dataset501_FLARE22/imagesUnlabelled",
-      "labels_folder": "/run/pseudo_labels/round_3",   # null: images only (CPS)
-      "file_ending": ".nii.gz",
-      "num_channels": 1,
-      "meta": {...}                                    # free form (threshold, scores, round)
-    }
-
-Images are `<images_folder>/<case>_<cccc><file_ending>` (one file per channel, `_0000` for CT),
-label maps `<labels_folder>/<case><file_ending>` on the image grid with values among the dataset's
-labels. Relative folders are relative to the selection file's folder. Reading checks everything
-before any training: case ids without images in `images_folder` ("unknown case ids") and cases
-without a pseudo label file are FlareInputErrors naming them; so are ids that are also labelled
-training cases of the dataset.
+Details: docs/reference/selection.md
 """
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flare_utils.data.io import atomic_write_text
 from flare_utils.errors import FlareInputError
 
 __all__ = ["SELECTION_FORMAT", "PseudoSelection", "read_selection_file", "unlabelled_selection", "write_selection_file"]
@@ -114,11 +103,7 @@ def write_selection_file(path: str | Path, cases: Iterable[str], labels_folder: 
                           file_ending, int(num_channels), dict(meta or {}), path)
     if check:
         sel.check_files(require_labels=labels_folder is not None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(sel.to_dict(), indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(sel.to_dict(), indent=2, default=str))
 
 
 def read_selection_file(path: str | Path, *, check_files: bool = True, require_labels: bool = True,

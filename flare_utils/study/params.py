@@ -6,15 +6,15 @@ and wrong types with the key's full path, so a typo never silently falls back to
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 
 from flare_utils.errors import FlareInputError
+from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
+from flare_utils.utilities.typed import from_dict
 
 
 @dataclass
@@ -133,10 +133,10 @@ class InferenceParams:
     input_dir: str | None = None         # None: the dataset's imagesTs (held-out cases)
     mode: Literal["efficient", "full"] = "efficient"
     tta: bool = False
-    centre_threshold: int = 1
+    centre_threshold: int = DEFAULT_CENTRE_THRESHOLD
     # efficient mode: in-plane spacing of the 3x3 grid in patches (0.5 = the paper's 50% overlap; 0.33
     # puts every voxel nearer a window centre at the same window count, see docs/benchmarks.md)
-    inplane_step: float = 0.5
+    inplane_step: float = DEFAULT_INPLANE_STEP
 
 
 @dataclass
@@ -172,76 +172,10 @@ class StudyParams:
         return dataclasses.asdict(self)
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`; return it (nested dataclasses built)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except FlareInputError as e:
-                errors.append(e.problem)
-        raise FlareInputError(None, f"{where}: expected {' or '.join(_type_name(a) for a in args)}, "
-                                    f"got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise FlareInputError(None, f"{where}: must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise FlareInputError(None, f"{where}: expected a list, got {type(value).__name__}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise FlareInputError(None, f"{where}: expected a mapping, got {type(value).__name__}")
-        return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}.{k}")
-                for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise FlareInputError(None, f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise FlareInputError(None, f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp in (str, bool):
-        if not isinstance(value, tp):
-            raise FlareInputError(None, f"{where}: expected {tp.__name__}, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {where}")
-
-
-def from_dict(cls, data: Any, where: str = "params"):
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise FlareInputError(None, f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise FlareInputError(None, f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyParams:
-    """Read and validate a params YAML; `overrides` (top-level keys) win over the file."""
+def load_params(path: str | Path | Mapping[str, Any], overrides: dict[str, Any] | None = None) -> StudyParams:
+    """Read and validate a params YAML (or the same as a mapping); `overrides` (top-level keys) win."""
+    if isinstance(path, Mapping):
+        return from_dict(StudyParams, {**path, **(overrides or {})})
     path = Path(path)
     if not path.is_file():
         raise FlareInputError(path, "params file not found")

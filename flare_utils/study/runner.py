@@ -24,20 +24,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, TextIO
+from typing import Any, Callable, Iterable, Mapping, TextIO
 
 import yaml
 
 from flare_utils.errors import FlareInputError
 from flare_utils.data.io import atomic_write_text
 from flare_utils.study.params import STUDENT_VARIANTS, StudyParams, load_params
-from flare_utils.layout import NOTEBOOK_DIR, RunLayout, environment, nnunet_env
+from flare_utils.layout import NOTEBOOK_DIR, RunLayout
+from flare_utils.utilities.environment import environment
 from flare_utils.utilities.progress import ENV_VAR as PROGRESS_ENV, ProgressWatcher
 
-MARKER_DIR = ".flare_stages"
-STAGES_FILE = "stages.json"
-LOG_FILE = Path("logs") / "run.log"
-PROGRESS_FILE = Path("logs") / "progress.jsonl"
 
 
 @dataclass(frozen=True)
@@ -76,11 +73,8 @@ def _raw_dataset(p: StudyParams, run: RunLayout) -> Path:
 def _plans_id(p: StudyParams, name: str) -> str:
     """Plans identifier of a plan variant name (a built-in one or one of teacher.plan_variants);
     anything else is taken as an identifier already."""
-    from flare_utils.planning.plans import PLAN_VARIANTS, PlanVariant
-    own = {v["name"]: v for v in p.teacher.plan_variants if isinstance(v, dict) and "name" in v}
-    if name in own:
-        return PlanVariant(name=name).plans_identifier
-    return PLAN_VARIANTS[name].plans_identifier if name in PLAN_VARIANTS else name
+    from flare_utils.planning.plans import resolve_plans_identifier
+    return resolve_plans_identifier(name, p.teacher.plan_variants)
 
 
 def _convert_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
@@ -100,7 +94,7 @@ def _pseudo_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     if q.retrain_from_teacher:
         from flare_utils.training.api import results_folder
         fold = t.folds if t.folds == "all" else t.folds[0]
-        with environment(**nnunet_env(run.root)):
+        with run.activated():
             retrain["init_checkpoint"] = str(results_folder(p.data.dataset_id, plans, t.trainer) / f"fold_{fold}"
                                              / "checkpoint_final.pth")
     retrain = {**{k: v for k, v in retrain.items() if v is not None}, **q.retrain_config}
@@ -119,8 +113,8 @@ def _student_parameters(p: StudyParams, run: RunLayout, variant: str) -> dict[st
     del s["variants"]
     from flare_utils.semisup.selection import ALL_CASES_FILE, SELECTION_FILE
     selection = {"labelled_only": None,
-                 "selected": s["selection_file"] or str(run.root / "selection" / SELECTION_FILE),
-                 "all": str(run.root / "selection" / ALL_CASES_FILE)}[variant]
+                 "selected": s["selection_file"] or str(run.selection / SELECTION_FILE),
+                 "all": str(run.selection / ALL_CASES_FILE)}[variant]
     if selection is not None and not Path(selection).is_file():
         raise FlareInputError(Path(selection), f"student variant '{variant}' needs this selection file: run the "
                                                "select stage first (or give student.selection_file)")
@@ -148,7 +142,7 @@ def _evaluate_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     e = dataclasses.asdict(p.evaluation)
     sets, timing = {}, {}
     from flare_utils.inference.runs import SUMMARY_JSON
-    summary = run.root / "inference" / SUMMARY_JSON
+    summary = run.inference / SUMMARY_JSON
     if summary.is_file():                      # the inference stage's predictions, one set per model
         for name, m in json.loads(summary.read_text())["models"].items():
             sets[name] = m["output_dir"]
@@ -210,7 +204,7 @@ def plan_units(params: StudyParams, run: RunLayout) -> list[Unit]:
 # Completion markers
 
 def _marker_path(run: RunLayout, unit: Unit) -> Path:
-    return run.root / MARKER_DIR / f"{unit.name.replace(':', '__')}.json"
+    return run.markers / f"{unit.name.replace(':', '__')}.json"
 
 
 def _hash(parameters: dict[str, Any]) -> str:
@@ -262,13 +256,164 @@ class StageResult:
     stage: str = ""
 
 
+# Rendering of executed notebooks for collaborators: text, tables and figures first; each code cell
+# folded under a "code" summary (the .ipynb keeps everything); the parameters actually used as one
+# table; stderr (nnU-Net's warnings; the run log has them) left out; a real title; a link to the index.
+_NOTEBOOK_CSS = """
+.flare-nav{position:sticky;top:0;z-index:10;background:#fff;border-bottom:1px solid #ddd;padding:.45em 0 .45em 0;
+  margin-bottom:1em;font-size:14px;color:#555;font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif}
+.flare-nav a{font-weight:600;margin-right:1.2em}
+.flare-nav button{font-size:12px;margin-left:.3em;cursor:pointer}
+details.flare-code>summary{cursor:pointer;color:#888;font-size:12px;margin:.1em 0;user-select:none;
+  font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif}
+details.flare-code[open]>summary{margin-bottom:.3em}
+.flare-params-head{font-weight:600;margin:.2em 0 .4em 0}
+.flare-params-head span{font-weight:400;color:#777;font-size:90%}
+.flare-params{display:grid;grid-template-columns:repeat(auto-fill,minmax(21em,1fr));gap:.1em 1.6em;font-size:13px}
+.flare-params .p{padding:.12em 0;border-bottom:1px solid #eee;overflow-wrap:anywhere}
+.flare-params .wide{grid-column:1/-1}
+.flare-params .k{font-weight:600;margin-right:.6em}
+.flare-params .wide .v{white-space:pre-wrap;display:block;margin:.1em 0 0 1em;background:none}
+.flare-params .default code{color:#999}
+"""
+_NOTEBOOK_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{% block extra_css %}<style type="text/css">""" + _NOTEBOOK_CSS + """</style>{% endblock extra_css %}
+{%- block body_header -%}
+{{ super() }}
+<nav class="flare-nav"><a href="../index.html">&larr; Study index</a><span>Code is folded: click
+&ldquo;code&rdquo; above a result to read it, or <button type="button" onclick="var d=document.querySelectorAll(
+'details.flare-code'),o=!Array.prototype.every.call(d,function(x){return x.open});d.forEach(function(x){x.open=o})"
+>show / hide all code</button>. The notebook (.ipynb) beside this page has everything.</span></nav>
+{%- endblock body_header -%}
+{% block input_group -%}
+<details class="flare-code"{% if cell.metadata.get('flare_open') %} open{% endif %}><summary>code</summary>
+{{ super() }}
+</details>
+{%- endblock input_group %}
+"""
+
+
+def _notebook_title(nb, notebook: Path) -> str:
+    """The first markdown heading ("02 · Teacher training"), else the file name."""
+    import re
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        for line in cell.source.splitlines():
+            m = re.match(r"\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$", line)
+            if m:
+                return re.sub(r"[`*_]", "", m.group(1)).strip()
+    return notebook.name.split(".")[0]
+
+
+def _assignments(source: str) -> dict[str, tuple[str, str]] | None:
+    """{name: (value as written, same-line comment)} of a parameters cell; None if it does not parse."""
+    import ast
+    import io
+    import tokenize
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    comments: dict[int, str] = {}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    out: dict[str, tuple[str, str]] = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) and node.value is not None else []
+        for t in targets:
+            if isinstance(t, ast.Name):
+                out[t.id] = (ast.get_source_segment(source, node.value) or "", comments.get(node.lineno, ""))
+    return out
+
+
+def _readable_value(text: str) -> str:
+    """A long dict or list literal one entry per line (pprint); anything else as written."""
+    import ast
+    import pprint
+    if len(text) <= 100:
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+    return pprint.pformat(value, width=110, sort_dicts=False) if isinstance(value, (dict, list)) else text
+
+
+def _parameters_html(defaults: dict[str, tuple[str, str]], injected: dict[str, tuple[str, str]]) -> str:
+    """The parameters the notebook ran with: injected ones in black, untouched defaults in grey."""
+    import html
+    items = []
+    for name in [*defaults, *(n for n in injected if n not in defaults)]:
+        value, comment = injected[name] if name in injected else defaults[name]
+        value = _readable_value(value)
+        comment = comment or defaults.get(name, ("", ""))[1]
+        cls = "p" + (" wide" if len(name) + len(value) > 48 else "") + ("" if name in injected else " default")
+        tip = f' title="{html.escape(comment, quote=True)}"' if comment else ""
+        items.append(f'<div class="{cls}"{tip}><code class="k">{html.escape(name)}</code>'
+                     f'<code class="v">{html.escape(value)}</code></div>')
+    note = " (grey: the notebook's default, not set by the study; hover a name for its meaning)" \
+        if injected and any(n not in injected for n in defaults) else ""
+    return (f'<p class="flare-params-head">Parameters of this run<span>{html.escape(note)}</span></p>'
+            f'<div class="flare-params">{"".join(items)}</div>')
+
+
+def _report_notebook(nb):
+    """A copy of the executed notebook as the HTML shows it (see _NOTEBOOK_TEMPLATE)."""
+    import copy
+    import nbformat
+    nb = copy.deepcopy(nb)
+    tags = lambda c: set(c.metadata.get("tags", []))                  # noqa: E731
+    defaults_cell = next((c for c in nb.cells if "parameters" in tags(c)), None)
+    injected_cell = next((c for c in nb.cells if "injected-parameters" in tags(c)), None)
+    shown = injected_cell or defaults_cell
+    if shown is not None:
+        defaults = _assignments(defaults_cell.source) if defaults_cell is not None else {}
+        injected = _assignments(injected_cell.source) if injected_cell is not None else {}
+        if defaults is not None and injected is not None:
+            table = _parameters_html(defaults, injected) if injected_cell is not None else \
+                _parameters_html({}, defaults)
+            shown.outputs = [nbformat.v4.new_output("display_data", data={"text/html": table})]
+            nb.cells = [c for c in nb.cells if c is shown or c is not defaults_cell]
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        failed = any(o.output_type == "error" for o in cell.outputs)
+        if failed:
+            cell.metadata["flare_open"] = True          # the failing cell's code stays visible
+        else:
+            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.get("name") == "stderr")]
+    return nb
+
+
 def render_html(notebook: Path) -> Path:
-    """Render an executed notebook to HTML beside it (input cells kept: the study is readable)."""
+    """Render an executed notebook to HTML beside it, for reading without Jupyter.
+
+    Text, tables and figures first: every code cell's input is folded (a "code" line opens it;
+    the .ipynb keeps everything), the parameters the notebook ran with (papermill's injected cell
+    over the notebook's defaults) are one table and the default parameters cell is left out,
+    stderr output (nnU-Net's warnings; the run log has them) is dropped except in a failing cell,
+    the page is titled by the notebook's first heading and links back to ../index.html.
+    """
+    import jinja2
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(notebook), as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(nb)
+    shown = _report_notebook(nb)
+    title = _notebook_title(nb, notebook)
+    if any(o.output_type == "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs):
+        title += " (stopped with an error)"
+    shown.metadata["title"] = title
+    exporter = HTMLExporter(extra_loaders=[jinja2.DictLoader({"flare_notebook.html.j2": _NOTEBOOK_TEMPLATE})],
+                            template_file="flare_notebook.html.j2", exclude_input_prompt=True,
+                            exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(shown)
     return atomic_write_text(notebook.with_suffix(".html"), body)
 
 
@@ -276,7 +421,7 @@ class RunLog:
     """Runner messages to the console and `<run>/logs/run.log`; notebook output to the log only."""
 
     def __init__(self, run: RunLayout, console: Callable[[str], None] | None):
-        self.path = run.root / LOG_FILE
+        self.path = run.run_log
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.console = console
         self._file = open(self.path, "a", buffering=1)
@@ -316,14 +461,17 @@ def run_unit(unit: Unit, parameters: dict[str, Any], run: RunLayout, *, kernel_n
     partial = out.with_name(out.stem + ".partial.ipynb")
     marker = _marker_path(run, unit)
     marker.unlink(missing_ok=True)           # from here on the unit is not complete
-    progress_file = run.root / PROGRESS_FILE
+    progress_file = run.progress_file
     progress_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"[{unit.name}] running {unit.notebook}" + (f" -> {unit.output}" if unit.output != unit.notebook else ""))
     try:     # the kernel inherits nnU-Net's folders and the progress file
-        with environment(**nnunet_env(run.root), **{PROGRESS_ENV: str(progress_file)}), \
+        with environment(**run.nnunet_environment(), **{PROGRESS_ENV: str(progress_file)}), \
                 ProgressWatcher(progress_file, stream=progress_stream, log=getattr(log, "file_only", None)):
-            pm.execute_notebook(str(source), str(partial), parameters=parameters, kernel_name=kernel_name,
+            # replace=True: the runner decided (markers) that this unit runs; a notebook opened by hand
+            # on a finished run only shows it (flare_utils.study.notebook.open_stage)
+            pm.execute_notebook(str(source), str(partial), parameters={**parameters, "replace": True},
+                                kernel_name=kernel_name,
                                 cwd=str(run.root), progress_bar=False, log_output=True)
     except PapermillExecutionError as e:
         html = render_html(partial) if partial.exists() else None
@@ -358,13 +506,13 @@ def _stage_names(names: Iterable[str] | str | None, params: StudyParams, what: s
 
 def _write_status(run: RunLayout, results: list[StageResult]) -> None:
     rel = lambda p: None if p is None else os.path.relpath(p, run.root)   # noqa: E731
-    atomic_write_text(run.root / STAGES_FILE, json.dumps(
+    atomic_write_text(run.stages_file, json.dumps(
         [{"unit": r.name, "stage": r.stage, "status": r.status,
           "seconds": None if r.seconds is None else round(r.seconds, 2), "notebook": rel(r.notebook),
           "html": rel(r.html), "message": r.message} for r in results], indent=2))
 
 
-def study_status(params_path: str | Path, *, run_dir: str | Path | None = None) -> list[tuple[str, bool, str]]:
+def study_status(params_path: str | Path | Mapping[str, Any], *, run_dir: str | Path | None = None) -> list[tuple[str, bool, str]]:
     """(unit, complete?, why not) for every unit of the params' plan, without running anything.
     A unit whose parameters need earlier outputs that are missing reads "waiting for earlier stages"."""
     overrides = {"run_dir": str(run_dir)} if run_dir is not None else None
@@ -389,7 +537,7 @@ def study_status(params_path: str | Path, *, run_dir: str | Path | None = None) 
     return out
 
 
-def run_study(params_path: str | Path, *, run_dir: str | Path | None = None, start_from: str | None = None,
+def run_study(params_path: str | Path | Mapping[str, Any], *, run_dir: str | Path | None = None, start_from: str | None = None,
               only: Iterable[str] | str | None = None, log: Callable[[str], None] | None = print,
               progress_stream: TextIO | None = None, command: str | None = None,
               index: bool = True) -> list[StageResult]:
@@ -405,7 +553,7 @@ def run_study(params_path: str | Path, *, run_dir: str | Path | None = None, sta
         raise FlareInputError(None, "give --from or --only, not both")
     run = RunLayout(Path(params.run_dir).resolve())
     run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.root / "params.yaml", yaml.safe_dump(params.to_dict(), sort_keys=False))
+    atomic_write_text(run.params_file, yaml.safe_dump(params.to_dict(), sort_keys=False))
     provenance.write(run.root, params, command)
     units = plan_units(params, run)
     rlog = RunLog(run, log)

@@ -3,39 +3,11 @@
 `generate_case(seed, preset)` draws one CT volume (int16 Hounsfield units) and its 13-organ
 FLARE22 label map; `write_cohort(root, ...)` writes a whole cohort in the FLARE22 folder layout.
 Everything is deterministic by seed and vectorised, so the `demo` preset trains the full
-pipeline on a CPU in minutes and the `tiny` preset makes unit tests fast.
+pipeline on a CPU in minutes and the `tiny` preset makes unit tests fast. Arrays are in nibabel's
+(i, j, k) order with a RAS+ affine unless a preset asks for other axis codes; labels never overlap.
+Calibration numbers and their source are in the comment block below.
 
-Coordinates and orientation
----------------------------
-Arrays are (i, j, k) = (x, y, z) as nibabel stores them. The affine is diagonal with positive
-zooms, so `nibabel.aff2axcodes(affine) == ('R', 'A', 'S')`: world (RAS+) +x points to the
-patient's Right, +y Anterior, +z Superior, the same as the real test CT in shared/data/real_ct
-(its liver centroid has the larger world x). Hence voxel index i grows towards the patient's
-right, j towards the front and k towards the head. A preset may ask for other axis codes
-(e.g. "LPS"); the voxels are then flipped/permuted with nibabel.orientations and the affine
-follows, so world coordinates are unchanged.
-
-Internally the anatomy is described in a "standard patient frame" in mm (x right, y anterior,
-z superior; origin at the body-axis centre at the level of the L1/L2 disc). Each case scales
-that frame (body size), moves and resizes every organ, adds a smooth random deformation,
-chooses a field of view, contrast phase, noise level and voxel spacing.
-
-Labels never overlap: organs are painted in `PAINT_ORDER` (first painted wins) and only into
-body-cavity tissue (not into bone, muscle wall or subcutaneous fat).
-
-Presets (`PRESETS`, or your own `PhantomPreset`): `realistic` 512x512, 0.6-1.0 mm in-plane,
-1-5 mm slices (about 2 s of CPU for 512x512x200); `demo` 128x128 at ~3 mm, 3-5 mm slices
-(0.1-0.3 s, 1-5 MB per case); `tiny` 56x56 at 6-8 mm (a few hundredths of a second).
-Fields of view (`FOVS`): abdomen, abdomen_pelvis, chest_abdomen, chest_abdomen_pelvis and
-whole_body (air above the head, head, legs with air between them); organs beyond the scan's
-ends are cut. Calibration numbers and their source are in the comment block below.
-
-How it stays fast: organ shapes are implicit functions evaluated only inside each organ's
-bounding box, on a grid no finer than `preset.detail_mm`, then linearly upsampled to the voxel
-grid (separable matrix products) and thresholded; background anatomy is built slab by slab
-from per-slice cross-section parameters; smooth random fields (deformation, texture, bowel)
-live on coarse grids and are upsampled by separable interpolation matrices; float32
-throughout.
+Details: docs/reference/synthetic_cohort.md
 """
 from __future__ import annotations
 

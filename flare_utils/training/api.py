@@ -10,65 +10,24 @@ name, `run_training`, `perform_actual_validation`), so its result is exactly wha
         fold_N/checkpoint_final.pth  progress.png  training_log_*.txt  debug.json
                flare_training_config.json  validation/summary.json (with final validation)
 
-Training runs in the calling process (one at a time); the nnU-Net folders are the ones in the
-environment, or `run_dir`'s (flare_utils.layout.use_nnunet_folders).
+Training runs in the calling process (one at a time); the nnU-Net folders are the ones in force,
+or `run_dir`'s (`flare_utils.layout.nnunet_folders`).
 """
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from flare_utils.errors import FlareInputError
-from flare_utils.layout import environment
+from flare_utils.layout import CONFIGURATION, nnunet_folders
+from flare_utils.utilities.environment import environment
 from flare_utils.training.config import CONFIG_FILE_NAME, ENV_VAR, TrainingConfig
-
-CONFIGURATION = "3d_fullres"
-
-
-_NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-
-
-def point_nnunet_at(run_dir: str | Path | None) -> None:
-    """Set nnUNet_raw/_preprocessed/_results to `run_dir`'s folders (None: check they are set).
-
-    nnunetv2 >= 2.8 keeps lazy `_EnvPath` objects in `nnunetv2.paths` that read the environment on
-    every use, and modules bind those objects at import; they must stay objects. Setting the
-    environment is then all that is needed, and module attributes that were replaced by plain
-    strings are turned back into `_EnvPath` objects. (Older nnU-Net keeps strings: they are
-    updated in place, which only reaches modules imported afterwards.)
-    """
-    if run_dir is not None:
-        from flare_utils.layout import use_nnunet_folders
-        use_nnunet_folders(run_dir)
-    for k in _NNUNET_VARS:
-        if not os.environ.get(k):
-            raise FlareInputError(None, f"{k} is not set: pass run_dir or call use_nnunet_folders first")
-    p = sys.modules.get("nnunetv2.paths")
-    if p is None:
-        return
-    env_path = getattr(p, "_EnvPath", None)
-    for k in _NNUNET_VARS:
-        cur = getattr(p, k, None)
-        if env_path is not None and not isinstance(cur, env_path):
-            setattr(p, k, env_path(k, f"{k} is not set."))
-        elif env_path is None and isinstance(cur, str):
-            setattr(p, k, os.environ[k])
-
-
-_set_run_dir = point_nnunet_at
-
 
 def results_folder(dataset: int | str, plans_identifier: str, trainer: str = "FlareTeacherTrainer",
                    configuration: str = CONFIGURATION) -> Path:
     """`<nnUNet_results>/<dataset>/<trainer>__<plans>__<configuration>` (nnU-Net's naming)."""
-    from flare_utils.planning.plans import _dataset_name
-    root = os.environ.get("nnUNet_results")
-    if not root:
-        raise FlareInputError(None, "nnUNet_results is not set")
-    return Path(root) / _dataset_name(dataset) / f"{trainer}__{plans_identifier}__{configuration}"
+    return nnunet_folders().results_folder(dataset, plans_identifier, trainer, configuration)
 
 
 def _as_config(config: TrainingConfig | Mapping | str | Path | None, trainer_cls) -> TrainingConfig:
@@ -102,7 +61,7 @@ def train(dataset_id: int | str, plans_identifier: str, fold: int | str = 0,
     from flare_utils.training.base import resolve_device
     from flare_utils.training.registry import find_trainer
 
-    _set_run_dir(run_dir)
+    nnunet_folders(run_dir)
     trainer_cls = find_trainer(trainer)
     cfg = _as_config(config, trainer_cls)
     folder = results_folder(dataset_id, plans_identifier, trainer, configuration)

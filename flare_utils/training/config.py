@@ -1,23 +1,13 @@
 """Training configuration shared by the Python API and the stock `nnUNetv2_train` command.
 
-nnU-Net builds trainers with a fixed signature `(plans, configuration, fold, dataset_json,
-device)`, so nothing else can be passed through the constructor. The FLARE trainers therefore read
-their budget and options from ONE JSON file named by the environment variable
-`FLARE_TRAINING_CONFIG`; without it they use `TrainingConfig()` defaults (nnU-Net's own: 1000
-epochs x 250 iterations). Example::
-
-    {"num_epochs": 50, "num_iterations_per_epoch": 100, "device": "cpu", "seed": 0,
-     "loss": "dice_ce", "freeze_encoder_stages": 0}
-
-    FLARE_TRAINING_CONFIG=cfg.json nnUNetv2_train 501 3d_fullres 0 \
-        -p nnUNetPlans_efficient_demo -tr FlareStudentTrainer -device cpu
-
+nnU-Net builds trainers with a fixed signature, so the FLARE trainers read their budget and
+options from ONE JSON file named by the environment variable `FLARE_TRAINING_CONFIG`; without it
+they use `TrainingConfig()` defaults (nnU-Net's own: 1000 epochs x 250 iterations).
 `flare_utils.training.train(...)` writes such a file and sets the variable for you. Unknown keys
-and wrong types are errors (FlareInputError naming the file and key); a trainer copies the
-effective configuration into its fold folder (`flare_training_config.json`).
+and wrong types are errors; subclasses of `TrainingConfig` (a dataclass) add keys for their
+trainers (`config_class`).
 
-Subclasses with more options subclass `TrainingConfig` (a dataclass) and set the trainer's
-`config_class`; the same file then carries the extra keys.
+Details: docs/reference/training.md
 """
 from __future__ import annotations
 
@@ -29,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from flare_utils.data.io import atomic_write_text
 from flare_utils.errors import FlareInputError
-from flare_utils.study.params import _coerce
+from flare_utils.utilities.typed import coerce
 
 ENV_VAR = "FLARE_TRAINING_CONFIG"
 CONFIG_FILE_NAME = "flare_training_config.json"
@@ -122,7 +113,7 @@ class TrainingConfig:
         if unknown:
             raise FlareInputError(where, f"unknown training option(s) {unknown}; allowed: {sorted(names)}")
         try:
-            kwargs = {k: _coerce(v, hints[k], k) for k, v in data.items()}
+            kwargs = {k: coerce(v, hints[k], k) for k, v in data.items()}
         except FlareInputError as e:
             raise FlareInputError(where, e.problem) from None
         return cls(**kwargs).validate(where)
@@ -147,12 +138,7 @@ class TrainingConfig:
         return cls.from_json(p) if p else cls().validate()
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes).validate()

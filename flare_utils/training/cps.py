@@ -1,45 +1,17 @@
 """3D cross-pseudo supervision (CPS): two networks of one plan teach each other on unlabelled data.
 
-`FlareCPSTrainer` (an nnU-Net v2 trainer class; student defaults: mirroring off):
+`FlareCPSTrainer` (an nnU-Net v2 trainer class; student defaults: mirroring off) trains network A
+(nnU-Net's own) and network B (same plan, another seed) on minibatches of labelled plus unlabelled
+patches: each is supervised on the labelled patches and, with a weight ramped up over the first
+epochs, on the other's argmax prediction of all patches. The checkpoints nnU-Net writes hold A, so
+`nnUNetv2_predict` and the final validation use A; B is saved beside them as
+`checkpoint_*_netB.pth`. Not supported: DDP (multi-GPU) training.
 
-* networks: network A is nnU-Net's own (`self.network`); network B is built from the same plan by
-  the same `build_network_architecture` under a different torch seed (`seed_b`, default `seed + 1`;
-  nnU-Net's He initialisation), so the two start from different weights. Transfer init
-  (`init_checkpoint`) and encoder freezing, when configured, apply to both. Each network has its
-  own optimiser and poly lr schedule (the trainer's `configure_optimizers`: SGD nesterov 0.99).
-* data: every training step draws ONE minibatch of `batch_size` labelled patches (the fold's
-  training cases; null: the plan's batch size) plus `unlabelled_batch_size` unlabelled patches
-  (null: as many as labelled), through `MixedBatchDataLoader` (layout "secondary_first": nnU-Net's
-  foreground oversampling applies to the labelled part exactly as in stock nnU-Net with that many
-  samples; unlabelled patches are random crops). Both kinds get nnU-Net's training augmentation.
-  Unlabelled images: the dataset's unlabelled folder (`<nnUNet_raw>/<Dataset>/imagesUnlabelled`,
-  or dataset.json's `unlabelled_folder`; `unlabelled_folder` overrides), all of them or the subset
-  `unlabelled_cases` / the first `max_unlabelled_cases`; alternatively `selection_file` (the
-  pseudo-label selection format; its label maps are NOT read, only the case ids and images). They
-  are preprocessed with nnU-Net's preprocessor of the plan without labels, cached in
-  `<nnUNet_preprocessed>/<Dataset>/<data_identifier>_unlabelled/<key>/` (see
-  `flare_utils.training.with_pseudo_labels`). Validation uses labelled cases only (nnU-Net's split).
-* loss per step:
-      L = sup(A) + sup(B) + lambda(epoch) * [ l(A_full, argmax B_full) + l(B_full, argmax A_full) ]
-  sup: nnU-Net's loss on the labelled patches (Dice+CE by default, deep supervision as nnU-Net:
-  all scales, weights 1/2^i normalised, lowest scale 0). l: the same per-output loss
-  (`build_loss_module`) on ALL patches (labelled and unlabelled), using ONLY the full-resolution
-  output of each network; the argmax targets are computed without gradient (detached). The CPS
-  term is skipped when lambda is 0. lambda ramps linearly (`cps_lambda`): 0 at epoch 0,
-  `cps_lambda_max` (0.5) from epoch `cps_rampup_epochs` on.
-* checkpoints: `checkpoint_*.pth` are standard nnU-Net checkpoints whose `network_weights` are
-  network A's (always A: the one nnU-Net validates, whose pseudo Dice picks `checkpoint_best`),
-  so `nnUNetv2_predict` and the final validation use A. Network B is saved alongside as
-  `checkpoint_*_netB.pth` with the same structure (its own weights and optimiser state):
-  `nnUNetv2_predict ... -chk checkpoint_final_netB.pth` predicts with B. `checkpoint_best_netB`
-  is B at the epoch where A was best. Continuing training reloads both.
-
-Not supported: DDP (multi-GPU) training.
+Details: docs/reference/cps.md
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +21,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from flare_utils.errors import FlareInputError
+from flare_utils.layout import nnunet_folders
 from flare_utils.semisup.selection_file import PseudoSelection, read_selection_file, unlabelled_selection
 from flare_utils.training.base import FlareTrainer
 from flare_utils.training.config import TrainingConfig
@@ -196,7 +169,10 @@ class FlareCPSTrainer(_BatchSizeMixin, FlareTrainer):
                 cases = cases[:int(c.max_unlabelled_cases)]
             return PseudoSelection(tuple(cases), sel.images_folder, None, sel.file_ending, sel.num_channels,
                                    dict(sel.meta), sel.path)
-        raw = Path(os.environ.get("nnUNet_raw", "/nonexistent")) / self.plans_manager.dataset_name
+        if c.unlabelled_folder is None:
+            raw = nnunet_folders().raw / self.plans_manager.dataset_name
+        else:                                  # the folder's raw dataset, for its dataset.json
+            raw = Path(c.unlabelled_folder).parent
         sel = unlabelled_selection(raw, c.unlabelled_cases, c.max_unlabelled_cases, c.unlabelled_folder,
                                    self.dataset_json)
         clash = sorted(set(sel.cases) & set(labelled))

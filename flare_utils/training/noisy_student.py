@@ -1,29 +1,12 @@
 """Noisy student: stronger augmentation, labelled:pseudo = 1:3 minibatches, then a labelled fine-tune.
 
-Trainers (nnU-Net v2 trainer classes):
+`FlareNoisyStudentTrainer` is a `FlarePseudoLabelTrainer` with `pseudo_share` 0.75 (1:3 holds
+exactly only for a batch size that is a multiple of 4, e.g. `batch_size: 4`) and the noisy-student
+paper's strong augmentation (`STRONG_AUGMENTATION`); `FlareFineTuneTrainer` then fine-tunes on the
+labelled cases only from the student's checkpoint (`init_checkpoint` required) at a lower learning
+rate. `train_noisy_student(...)` runs both stages fold by fold.
 
-* `FlareNoisyStudentTrainer` - a `FlarePseudoLabelTrainer` (labelled + selected pseudo-labelled
-  cases, see `flare_utils.training.with_pseudo_labels`) with `pseudo_share` 0.75 by default (labelled:pseudo
-  = 1:3 in every minibatch; needs a batch size that is a multiple of 4 to hold exactly, e.g.
-  `batch_size: 4` - see the rounding rule in `pseudo`) and the stronger augmentation below.
-* `FlareFineTuneTrainer` - the second stage: labelled cases only, initialised from the student's
-  checkpoint through the base trainer's `init_checkpoint` (all keys match: same plan), lower
-  initial learning rate (`FineTuneConfig.initial_lr` = 1e-3 instead of 1e-2; poly schedule over
-  its own `num_epochs`), same strong augmentation. Training without `init_checkpoint` is an error.
-
-`train_noisy_student(...)` runs both stages fold by fold (the fine-tune of fold f starts from the
-student's `fold_f/checkpoint_final.pth`).
-
-Strong augmentation (`STRONG_AUGMENTATION`, the noisy-student paper's Table 5): rotation +-30 deg
-(every axis, also for anisotropic patches where nnU-Net would rotate +-180 deg in-plane), scaling
-0.7-1.4, Gaussian noise (variance 0-0.1), Gaussian blur sigma 0.5-1.5, multiplicative brightness
-0.7-1.3, contrast 0.65-1.5, low-resolution simulation (zoom 0.5-1), gamma 0.7-1.5 (also on the
-inverted image) and mirroring on all axes. The application probabilities are nnU-Net's defaults
-(the table gives ranges); all are fields of `StrongAugmentation`. The pipeline keeps nnU-Net's
-structure and order (`nnUNetTrainer.get_training_transforms`: spatial, intensity, mirroring,
-masking, label -1 -> 0, regions, deep-supervision downsampling of the segmentation). Mirroring is
-on by default for both trainers (config `mirroring: false` removes it from augmentation and
-test-time inference, as for every FlareTrainer).
+Details: docs/reference/pseudo_label_training.md
 """
 from __future__ import annotations
 

@@ -16,10 +16,10 @@ If flare_utils is uninstalled the shim silently exports nothing.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from pathlib import Path
 
+from flare_utils.data.io import atomic_write_text
 from flare_utils.errors import FlareInputError
 
 SHIM_MODULE = "nnUNetTrainer_flare_utils"
@@ -64,16 +64,11 @@ def register_with_nnunet() -> Path:
     """Write (if missing or different) the shim module into nnU-Net's trainer package."""
     path = shim_path()
     if not path.is_file() or path.read_text() != _SHIM_SOURCE:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(_SHIM_SOURCE)
-            os.replace(tmp, path)
+            atomic_write_text(path, _SHIM_SOURCE)
         except OSError as e:
             raise FlareInputError(path.parent, f"cannot write the nnU-Net trainer shim ({e}); nnUNetv2_train "
                                                f"-tr Flare... needs a writable nnunetv2 installation") from e
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         importlib.invalidate_caches()
         sys.modules.pop(f"nnunetv2.training.nnUNetTrainer.{SHIM_MODULE}", None)
     return path

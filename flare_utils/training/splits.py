@@ -1,28 +1,20 @@
 """Cross-validation splits (`splits_final.json`) for nnU-Net trainings.
 
-nnU-Net uses `<nnUNet_preprocessed>/<dataset>/splits_final.json` when it exists (a list with one
-{"train": [...], "val": [...]} per fold) and otherwise makes a seeded 5-fold split of all
-training cases. `write_splits` writes that file from a `SplitSpec`:
+nnU-Net uses `<nnUNet_preprocessed>/<dataset>/splits_final.json` when it exists and otherwise
+makes its own seeded 5-fold split. `write_splits` writes that file from a `SplitSpec`: nnU-Net's
+own split by default, or with cases always in training (`always_train`), left out (`exclude`) or
+fully custom folds (`folds`). Every id is checked against the dataset's labelled cases.
 
-* default: nnU-Net's own 5-fold split (same function, same seed 12345) - identical to what nnU-Net
-  would create;
-* `always_train`: cases (e.g. "difficult" ones) put into every fold's training set and never
-  validated; the other cases are split into `n_folds` folds as above;
-* `exclude`: cases used in no fold;
-* `folds`: fully custom folds, either the validation ids of each fold (training = all other
-  cases) or explicit {"train": [...], "val": [...]} dicts.
-
-Every id is checked against the dataset's labelled cases (unknown ids, ids given twice, a case in
-both sets of one fold, or an empty set are FlareInputErrors).
+Details: docs/reference/training.md
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from flare_utils.data.io import atomic_write_text
 from flare_utils.errors import FlareInputError
 
 SPLITS_FILE = "splits_final.json"
@@ -54,13 +46,9 @@ class SplitSpec:
 
 
 def _dataset_dirs(dataset: int | str) -> tuple[Path, Path]:
-    from flare_utils.planning.plans import _dataset_name
-    name = _dataset_name(dataset)
-    pre = os.environ.get("nnUNet_preprocessed")
-    raw = os.environ.get("nnUNet_raw")
-    if not pre:
-        raise FlareInputError(None, "nnUNet_preprocessed is not set (call flare_utils.layout.use_nnunet_folders)")
-    return Path(pre) / name, Path(raw) / name if raw else Path("/nonexistent")
+    from flare_utils.layout import nnunet_folders
+    folders = nnunet_folders()
+    return folders.preprocessed_dataset(dataset), folders.raw_dataset(dataset)
 
 
 def known_case_ids(dataset: int | str) -> list[str]:
@@ -140,11 +128,7 @@ def write_splits(dataset: int | str, spec: SplitSpec | Mapping | Sequence | None
     pre, _ = _dataset_dirs(dataset)
     splits = make_splits(known_case_ids(dataset), spec)
     pre.mkdir(parents=True, exist_ok=True)
-    path = pre / SPLITS_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(splits, indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(pre / SPLITS_FILE, json.dumps(splits, indent=2))
 
 
 def read_splits(dataset: int | str) -> list[dict] | None:

@@ -1,57 +1,14 @@
 """Pseudo-label aware training: labelled + pseudo-labelled cases in one nnU-Net run.
 
-Trainers (nnU-Net v2 trainer classes, `nnUNetv2_train ... -tr NAME` once registered):
+`FlarePseudoLabelTrainer` (mirroring on, for the pseudo-labelling rounds) and
+`FlarePseudoStudentTrainer` (mirroring off, the FLARE22 student) train on the fold's labelled cases
+PLUS every case of a selection file (config `selection_file`), with a fixed share of pseudo cases
+in every minibatch (`pseudo_share`, default 0.5; `MixedBatchDataLoader`). Pseudo cases are
+preprocessed by the plan's own nnU-Net preprocessor into a cache keyed by their inputs, so an
+unchanged selection is reused at once; they never enter `splits_final.json` or validation, and
+their ids must differ from the labelled ones.
 
-* `FlarePseudoLabelTrainer` - a `FlareTrainer` (teacher defaults: mirroring on) whose training set
-  is the fold's labelled training cases PLUS every selected pseudo-labelled case; a fixed share of
-  each minibatch is pseudo-labelled (`pseudo_share`). Used for the iterative pseudo-labelling rounds.
-* `FlarePseudoStudentTrainer` - the same with mirroring off (augmentation and test-time), the
-  FLARE22 student recipe.
-
-Configuration (`PseudoLabelConfig`, a `TrainingConfig` read from FLARE_TRAINING_CONFIG)::
-
-    selection_file        JSON selection file (format: `flare_utils.semisup.selection_file`); required to train
-    pseudo_share          share of pseudo-labelled samples in EVERY minibatch (default 0.5; the
-                          noisy student uses 0.75 = labelled:pseudo 1:3); null: no fixed share,
-                          cases are drawn uniformly from labelled + pseudo cases together
-    batch_size            minibatch size (null: the plan's)
-    preprocess_processes  processes for preprocessing the pseudo cases (default 1)
-
-Preprocessing (cached)
-----------------------
-Pseudo-labelled cases are preprocessed by nnU-Net's own preprocessor of the plan
-(`configuration_manager.preprocessor_class`, i.e. `DefaultPreprocessor.run_case`: transpose, crop
-to non-zero, normalise with the plan's intensity statistics, resample to the plan's spacing,
-foreground locations for oversampling) and written as nnU-Net's blosc2 cases into::
-
-    <nnUNet_preprocessed>/<Dataset>/<data_identifier>_pseudo/<key>/<case>.b2nd|_seg.b2nd|.pkl
-    <nnUNet_preprocessed>/<Dataset>/<data_identifier>_pseudo/<key>.json      (what it holds)
-
-`<key>` hashes the plan (configuration, transpose, intensity statistics), the labels, the case list
-and every input file's path, size and modification time, so a new selection round or rewritten
-pseudo labels get a new folder, and an unchanged one is reused at once. The folder is built in a
-temporary sibling and renamed into place: it is complete whenever it exists, and concurrent folds
-do not clash. Old keys are not deleted automatically (`pseudo_cache_folders` lists them).
-Unlabelled images (CPS) are preprocessed the same way without labels into `<data_identifier>_unlabelled/`.
-
-Folds and validation
---------------------
-Pseudo cases never appear in `splits_final.json`: `do_split` (and so nnU-Net's validation and
-final validation) sees only labelled cases, and `get_tr_and_val_datasets` adds ALL pseudo cases to
-every fold's training set. Pseudo case ids must differ from labelled ids (checked).
-
-Minibatch composition
----------------------
-`MixedBatchDataLoader` draws the two kinds separately for every batch: `n_pseudo` pseudo samples
-and `batch_size - n_pseudo` labelled ones, each uniformly with replacement from its own kind, at
-positions shuffled per batch; patches, oversampling and augmentation are nnU-Net's
-(`nnUNetDataLoader.generate_train_batch`, foreground oversampling by batch position as in nnU-Net).
-Rounding (`secondary_count`): n_pseudo = floor(share * batch_size + 0.5) (round half up), then,
-for 0 < share < 1, clamped to [1, batch_size - 1] so that every batch holds both kinds; share 0
-gives no pseudo sample, share 1 only pseudo samples. Examples: share 0.75 -> 3 of 4, 6 of 8, 2 of
-3, 1 of 2 (batch size 2 cannot hold 1:3: use `batch_size` 4 for the noisy-student recipe); share
-0.5 -> 1 of 2, 2 of 4, 2 of 3. The count is identical in every batch; batches carry a boolean
-`secondary` array (True = pseudo case) beside nnU-Net's `keys`.
+Details: docs/reference/pseudo_label_training.md
 """
 from __future__ import annotations
 
@@ -226,10 +183,8 @@ def prepare_pseudo_cases(dataset: int | str, plans_identifier: str, selection_fi
                          run_dir: str | Path | None = None) -> Path:
     """Read/validate a selection file and preprocess its cases for a dataset's plans (cached):
     what the pseudo-label trainers do at training start, callable beforehand from a notebook."""
-    from flare_utils.planning.plans import _dataset_name
-    from flare_utils.training.api import point_nnunet_at
-    point_nnunet_at(run_dir)
-    pre = Path(os.environ["nnUNet_preprocessed"]) / _dataset_name(dataset)
+    from flare_utils.layout import nnunet_folders
+    pre = nnunet_folders(run_dir).preprocessed_dataset(dataset)
     plans_file = pre / f"{plans_identifier}.json"
     if not plans_file.is_file():
         raise FlareInputError(plans_file, "plans file not found (run plan_and_preprocess first)")
