@@ -117,7 +117,8 @@ def full_run(root: Path, png: bytes) -> Path:
         report.save_table(report.organ_table(frames, metric), ev / f"organ_table_{metric}.csv")
     write(ev / "efficiency_table.csv", "set,device,cases,time (s),peak RAM (MiB)\nstudent_selected,cpu,4,3.5,900\n")
     write(root / "inference" / "summary.csv",
-          "model,cases,windows_evaluated,windows_nnunet_full,total_s,peak_rss_mib\nstudent_selected,4,10,40,8.0,950\n")
+          "model,cases,predicted now,windows_evaluated,windows_nnunet_full,mean_total_s,mean_network_s,peak_rss_mib\n"
+          "student_selected,4,4,10,40,8.0,7.5,950\n")
     write(root / "selection" / "selection_summary.json", json.dumps({
         "rule": {"rule": "threshold", "threshold": 0.1, "exclude_empty": False}, "n_cases": 24,
         "n_selected": 12, "n_rejected": 12, "n_infinite": 1, "n_empty_last": 0,
@@ -209,7 +210,8 @@ def test_full_page_embeds_pictures_and_links_relative_existing_reports(tmp_path,
     assert TITLES["student_selected"] in organs and "Right kidney" in organs
     assert "student_selected" not in organs            # columns renamed to the models' titles
     assert "Spearman rho(u, 1 - DSC) = 0.610" in page and "u &lt; 0.1" in page
-    assert "round 2" in page and "windows_nnunet_full" in page and "peak RAM (MiB)" in page
+    assert "round 2" in page and "windows of nnU-Net's full tiling" in page and "peak RAM (GiB)" in page
+    assert "windows_nnunet_full" not in page and "peak_rss_mib" not in page     # human column names
     assert "abc1234 (uncommitted changes)" in page
     packages = r"<td>packages</td>\s*<td>torch 2.3.0</td>\s*</tr>\s*<tr>\s*<td></td>\s*<td>nnunetv2 2.8.1</td>"
     assert re.search(packages, page)                   # one line per package
@@ -318,3 +320,36 @@ def test_write_is_atomic(tmp_path, png, monkeypatch):
     monkeypatch.undo()
     assert (run / "index.html").read_text() == "old page"
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_inference_and_efficiency_tables_read_without_help(tmp_path, png):
+    run = full_run(tmp_path / "run", png)
+    page = index_report.build_index_html(run)
+    eff = page[page.index('id="efficiency"'):page.index('id="selection"')]
+    for column in ("windows run", "windows of nnU-Net's full tiling", "windows run / full tiling (%)",
+                   "time per case (s)", "network time per case (s)", "peak RAM (GiB)"):
+        assert f"<th>{column}</th>" in eff
+    assert TITLES["student_selected"] in eff and "student_selected" not in eff
+    assert "<td>25</td>" in eff                      # 10 of 40 windows
+    assert "<td>0.93</td>" in eff                    # 950 MiB
+    assert "predicted now" not in eff                # every case predicted in this run: column left out
+    assert "grows with the body&#x27;s width" in eff  # fewer windows than the full tiling (escaped quote)
+
+    # The demo's case: more windows than nnU-Net's tiling, and the caption says why.
+    write(run / "inference" / "summary.csv", "model,cases,predicted now,windows_evaluated,windows_nnunet_full,"
+          "mean_total_s,mean_network_s,peak_rss_mib\nstudent_selected,2,1,228,163,3.5866,3.55,721.4\n")
+    eff = index_report.build_index_html(run)
+    eff = eff[eff.index('id="efficiency"'):eff.index('id="selection"')]
+    assert "<td>140</td>" in eff and "<td>3.59</td>" in eff and "<th>predicted in this run</th>" in eff
+    assert "narrower than two patches" in eff and "full-resolution scans" in eff
+
+
+def test_quality_per_round_is_drawn_from_the_per_case_qualities(tmp_path, png):
+    run = full_run(tmp_path / "run", png)
+    write(run / "pseudo_labels" / "report" / "quality_per_case.csv",
+          "round,case,mean_dsc\n1,a,0.6\n1,b,0.7\n2,a,0.75\n2,b,0.8\n")
+    page = index_report.build_index_html(run)
+    assert page.count("data:image/png;base64,") == len(PICTURES) + 1
+    pseudo = page[page.index('id="pseudo"'):page.index('id="overlays"')]
+    assert "data:image/png;base64," in pseudo and "95 % confidence interval" in pseudo
+    assert "<th>mean DSC</th>" in pseudo and "round 2" in pseudo

@@ -132,16 +132,27 @@ def test_efficiency_table(tmp_path):
         report.efficiency_table([bad])
 
 
-def test_box_plots_one_box_per_set_and_organ(tmp_path):
+def test_box_plots_one_panel_per_organ_one_box_per_set(tmp_path):
     fig = report.box_plots({"a": PERFECT, "b": PERTURBED}, "DSC")
     assert isinstance(fig, Figure)
-    (ax,) = fig.axes
-    assert [t.get_text() for t in ax.get_xticklabels()] == [o.title for o in ORGANS]
-    assert len(ax.patches) == 2 * 13                            # the boxes (patch_artist)
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in panels] == [o.title for o in ORGANS]
+    assert all(len(ax.patches) == 2 for ax in panels)            # one box per set (patch_artist)
+    assert all(ax.get_ylim() == pytest.approx((-0.02, 1.02)) for ax in panels)
+    (legend,) = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert [t.get_text() for t in legend.get_texts()] == ["a", "b"]
     out = report.save_figure(fig, tmp_path / "box.png")
     assert out.stat().st_size > 1000
     assert [p.name for p in tmp_path.iterdir()] == ["box.png"]
+
+
+def test_box_plots_fit_the_page_with_many_sets(tmp_path):
+    """Five models x 13 organs: at most ~1400 px wide at save_figure's 110 dpi (was 2395 px)."""
+    frames = {f"model {i}": PERTURBED for i in range(5)}
+    path = report.save_figure(report.box_plots(frames, "NSD"), tmp_path / "box.png")
+    from PIL import Image
+    width, height = Image.open(path).size
+    assert 900 <= width <= 1400 and height <= 1100
 
 
 def _phantom(shape=(24, 20, 12)):
@@ -245,3 +256,45 @@ def test_learning_curves_figure_one_colour_per_fold(tmp_path):
     assert report.save_figure(fig, tmp_path / "curves.png").stat().st_size > 1000
     with pytest.raises(FlareInputError, match="missing"):
         report.learning_curves_figure(pd.DataFrame(rows).drop(columns="val_loss"))
+
+
+def test_learning_curves_figure_fits_the_page(tmp_path):
+    rows = [{"fold": f, "epoch": e, "train_loss": 1.0 - 0.1 * e, "val_loss": 1.1 - 0.1 * e, "pseudo_dice": 0.1 * e}
+            for f in range(5) for e in range(40)]
+    path = report.save_figure(report.learning_curves_figure(pd.DataFrame(rows)), tmp_path / "c.png")
+    from PIL import Image
+    width, _ = Image.open(path).size
+    assert 900 <= width <= 1300
+    one = report.learning_curves_figure(pd.DataFrame(rows[:1]))   # a single epoch: one tick, no -0.05 ... 0.05
+    assert list(one.axes[0].get_xticks()) == [0]
+
+
+QUALITY = pd.DataFrame({"round": [1, 1, 1, 2, 2, 2, 10, 10, 10],
+                        "mean_dsc": [0.5, 0.6, 0.7, 0.80, 0.82, 0.84, 0.80, 0.81, 0.82]})
+
+
+def test_round_statistics_mean_and_t_interval():
+    st = report.round_statistics(QUALITY)
+    assert list(st.index) == [1, 2, 10]                          # numeric order, not text order
+    assert st.loc[1, "n"] == 3 and st.loc[1, "mean"] == pytest.approx(0.6)
+    assert st.loc[1, "std"] == pytest.approx(0.1)                # ddof=1
+    half = 4.302653 * 0.1 / np.sqrt(3)                           # t(0.975, 2) * s / sqrt(n), by hand
+    assert st.loc[1, "ci_low"] == pytest.approx(0.6 - half, abs=1e-5)
+    assert st.loc[1, "ci_high"] == pytest.approx(0.6 + half, abs=1e-5)
+    single = report.round_statistics(pd.DataFrame({"round": ["round 1"], "mean_dsc": [0.5]}))
+    assert single.loc["round 1", "n"] == 1 and np.isnan(single.loc["round 1", "ci_low"])
+    with pytest.raises(FlareInputError, match="mean_dsc"):
+        report.round_statistics(pd.DataFrame({"round": [1]}))
+
+
+def test_quality_per_round_figure_shows_the_spread_on_the_whole_dsc_range(tmp_path):
+    fig = report.quality_per_round_figure(QUALITY)
+    (ax,) = fig.axes
+    lo, hi = ax.get_ylim()
+    assert lo <= 0.0 and hi >= 1.0                               # no zoom onto 0.6-0.84
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["round 1", "round 2", "round 10"]
+    (bars,) = ax.containers                                      # the mean with its error bars
+    means = bars.lines[0].get_ydata()
+    assert list(means) == pytest.approx([0.6, 0.82, 0.81])
+    assert len(ax.collections) >= 3                              # the cases as dots, one cloud per round
+    assert report.save_figure(fig, tmp_path / "q.png").stat().st_size > 1000

@@ -11,6 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from flare_utils.study.report import styled as _styled
+
 
 def _get(report: Any, key: str):
     return report[key] if isinstance(report, Mapping) else getattr(report, key)
@@ -38,6 +40,7 @@ def window_outlines(report: Any, view_axis: int) -> list[dict]:
     return list(out.values())
 
 
+@_styled  # matplotlib defaults, not nnU-Net's global seaborn settings (flare_utils.study.report)
 def plot_window_map(image: np.ndarray, report: Any, view_axis: int, *, labels: np.ndarray | None = None,
                     ax=None, title: str | None = None, slice_index: int | None = None):
     """Draw `image` (network grid, unpadded, 3D) sliced across `view_axis` with the window outlines.

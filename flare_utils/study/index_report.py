@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import io
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -31,9 +32,10 @@ import yaml
 
 from flare_utils.data.io import atomic_write_text
 from flare_utils.data.labels import ORGANS
+from flare_utils.layout import RunLayout
 from flare_utils.study.params import STUDENT_VARIANTS
 from flare_utils.semisup.selection import SUMMARY_FILE as SELECTION_SUMMARY
-from flare_utils.study.report import PER_CASE_CSV, slug
+from flare_utils.study.report import PER_CASE_CSV, quality_per_round_figure, slug
 from flare_utils.study.models import CANONICAL_ORDER as CANONICAL_MODELS
 
 __all__ = ["CANONICAL_MODELS", "COMPARISON_PAIRS", "INDEX_NAME", "StageUnit", "build_index_html",
@@ -64,7 +66,8 @@ thead th{background:#f3f3f3}
 .pending{background:#ef8f00}.running{background:#1565c0}.unknown{background:#9e9e9e}
 .missing{color:#777;font-style:italic}.findings li{margin:.2em 0}
 figure{display:inline-block;margin:.4em 1em .8em 0;vertical-align:top}
-figcaption{font-size:.85em;color:#555}img{max-width:100%}img.small{max-width:30em}
+figcaption{font-size:.85em;color:#555;max-width:60em}img{max-width:100%}img.small{max-width:30em}
+p.caption{font-size:.88em;color:#555;max-width:60em;margin-top:.2em}
 pre{background:#f7f7f7;padding:.7em;overflow-x:auto;font-size:.85em}
 """
 
@@ -119,7 +122,7 @@ def read_stages(run_dir: str | Path) -> list[StageUnit]:
     runners wrote them) are made relative to the run folder.
     """
     run = Path(run_dir)
-    entries = _read_json(run / "stages.json") or []
+    entries = _read_json(RunLayout(run).stages_file) or []
     if isinstance(entries, dict):          # {"units": [...]} or {unit: {...}}
         entries = entries.get("units") or [{"unit": k, **v} for k, v in entries.items() if isinstance(v, dict)]
     units = []
@@ -186,7 +189,7 @@ def _mean_std(v: np.ndarray) -> tuple[float, float]:
 
 
 def _models(run: Path) -> dict[str, dict]:
-    models = _read_json(run / "models.json") or {}
+    models = _read_json(RunLayout(run).models_file) or {}
     return {str(k): (v if isinstance(v, dict) else {}) for k, v in models.items()}
 
 
@@ -210,7 +213,8 @@ def comparison_table(run_dir: str | Path) -> pd.DataFrame:
     """
     run = Path(run_dir)
     models = _models(run)
-    overview = _read_csv(run / "evaluation" / "overview.csv")
+    ev = RunLayout(run).evaluation
+    overview = _read_csv(ev / "overview.csv")
     if overview is not None and "set" in overview.columns:
         overview = overview.assign(set=overview["set"].astype(str)).set_index("set")
     else:
@@ -226,8 +230,7 @@ def comparison_table(run_dir: str | Path) -> pd.DataFrame:
                "cases": 0, "DSC mean": math.nan, "DSC std": math.nan, "NSD mean": math.nan, "NSD std": math.nan}
         folders = [str(ov["folder"])] if ov is not None and pd.notna(ov.get("folder")) else []
         folders += [slug(name), name]
-        folder = next((run / "evaluation" / f for f in folders if (run / "evaluation" / f / PER_CASE_CSV).is_file()),
-                      None)
+        folder = next((ev / f for f in folders if (ev / f / PER_CASE_CSV).is_file()), None)
         if folder is not None:
             per_case = pd.read_csv(folder / PER_CASE_CSV)
             row["cases"] = len(per_case)
@@ -238,7 +241,7 @@ def comparison_table(run_dir: str | Path) -> pd.DataFrame:
             row["DSC mean"] = float(ov.get("mean DSC", math.nan))
             row["NSD mean"] = float(ov.get("mean NSD", math.nan))
         else:
-            summary = next((s for s in (_read_json(run / "evaluation" / f / "summary.json") for f in folders) if s),
+            summary = next((s for s in (_read_json(ev / f / "summary.json") for f in folders) if s),
                            None)
             if summary:
                 row["cases"] = int(summary.get("n_cases") or 0)
@@ -314,8 +317,19 @@ def _picture(run: Path, rel: str, caption: str | None = None, small: bool = Fals
     return f'<figure><img{cls} src="data:image/png;base64,{data}" alt="{_e(caption or rel)}">{cap}</figure>'
 
 
-def _pictures(run: Path, rels: Iterable[str], small: bool = False) -> str:
-    return "".join(_picture(run, r, small=small) for r in rels if (run / r).is_file())
+def _pictures(run: Path, rels: Iterable[str], small: bool = False,
+              captions: dict[str, str] | None = None) -> str:
+    captions = captions or {}
+    return "".join(_picture(run, r, captions.get(r), small=small) for r in rels if (run / r).is_file())
+
+
+def _figure_html(fig, caption: str, dpi: int = 110) -> str:
+    """A <figure> with a matplotlib Figure drawn here, embedded as PNG."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(caption)}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
 def _fmt_seconds(s: float | None) -> str:
@@ -342,6 +356,14 @@ class _Run:
     titles: dict[str, str]
     stages_error: str | None = None    # why stages.json could not be read
 
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.root)
+
+    def rel(self, path: Path) -> str:
+        """A file of the run as the relative link the page uses."""
+        return self.layout.relative(path)
+
     def missing(self, stage: str, what: str, file: str, unit: str | None = None) -> str:
         return _not_available(self.units, stage, what, file, unit)
 
@@ -351,7 +373,7 @@ class _Run:
 
 def _section_study(r: _Run) -> str:
     parts = []
-    params_path = r.root / "params.yaml"
+    params_path = r.layout.params_file
     if params_path.is_file():
         text = params_path.read_text(encoding="utf-8")
         try:
@@ -364,7 +386,7 @@ def _section_study(r: _Run) -> str:
         parts.append(f"<details><summary>params.yaml</summary><pre>{_e(text)}</pre></details>")
     else:
         parts.append('<p class="missing">params.yaml: not written (the runner did not start this study)</p>')
-    prov = _read_json(r.root / "provenance.json")
+    prov = _read_json(r.layout.provenance_file)
     if isinstance(prov, dict):
         git = prov.get("git") or {}
         dev = prov.get("device") or {}
@@ -405,7 +427,7 @@ def _section_stages(r: _Run) -> str:
 def _section_comparison(r: _Run) -> str:
     table = comparison_table(r.root)
     if table.empty or not table["DSC mean"].notna().any():
-        return r.missing("evaluate", "Held-out scores of the models", "evaluation/overview.csv")
+        return r.missing("evaluate", "Held-out scores of the models", r.rel(r.layout.evaluation / "overview.csv"))
     shown = pd.DataFrame({
         "model": table["title"],
         "training data": table["training data"],
@@ -428,35 +450,150 @@ def _renamed(df: pd.DataFrame, titles: dict[str, str]) -> pd.DataFrame:
 
 
 def _section_organs(r: _Run) -> str:
-    ev = r.root / "evaluation"
+    ev = r.layout.evaluation
     parts = []
     for metric in ("DSC", "NSD"):
         df = _read_csv(ev / f"organ_table_{metric}.csv", index_col=0)
         if df is None:
-            parts.append(r.missing("evaluate", f"{metric} per organ", f"evaluation/organ_table_{metric}.csv"))
+            parts.append(r.missing("evaluate", f"{metric} per organ", r.rel(ev / f"organ_table_{metric}.csv")))
         else:
             parts.append(f"<h3>{metric} per organ (mean ± std over cases)</h3>" + _table(_renamed(df, r.titles)))
-    parts.append(_pictures(r.root, [f"evaluation/box_{m}.png" for m in ("DSC", "NSD")]))
+    captions = {r.rel(ev / f"box_{m}.png"): f"{m} of each held-out case, one panel per organ and one box per model "
+                                             f"(median, quartiles, whiskers to 1.5 IQR) — {r.rel(ev / f'box_{m}.png')}"
+                for m in ("DSC", "NSD")}
+    parts.append(_pictures(r.root, list(captions), captions=captions))
     return "".join(parts)
+
+
+# Human names of the efficiency table's columns (flare_utils.study.report.efficiency_table) and of the
+# inference summary's (flare_utils.inference.runs.predict_models); MiB columns are shown in GiB.
+EFFICIENCY_COLUMNS = {
+    "device": "device", "cases": "cases", "time (s)": "time per case (s)", "peak RAM (MiB)": "peak RAM (GiB)",
+    "CPU util mean (%)": "CPU use, mean (%)", "CPU AUC (%·s)": "CPU use × time (%·s)",
+    "GPU peak (MiB)": "peak GPU memory (GiB)", "GPU AUC (MiB·s)": "GPU memory × time (MiB·s)",
+}
+INFERENCE_COLUMNS = {
+    "cases": "cases", "predicted now": "predicted in this run", "windows_evaluated": "windows run",
+    "windows_nnunet_full": "windows of nnU-Net's full tiling", "mean_total_s": "time per case (s)",
+    "mean_network_s": "network time per case (s)", "peak_rss_mib": "peak RAM (GiB)",
+}
+WINDOWS_CAPTION = (
+    "Windows are summed over the cases. \u201cwindows run\u201d counts the network evaluations of the efficient "
+    "sliding window (the FLARE22 winner's): along the head-foot axis it steps like nnU-Net, and at each step it "
+    "runs the window at the body's in-plane centre and, only when that window finds an organ, its 8 neighbours "
+    "(a 3\u00d73 band two patches wide). \u201cwindows of nnU-Net's full tiling\u201d is what nnU-Net's own "
+    "sliding window (half-patch overlap over the whole image) would run on the same images.")
+WINDOWS_MORE = (
+    " Here the efficient scheme ran more windows than the full tiling: on small images (such as the demo's "
+    "8 mm scans, narrower than two patches) nnU-Net's tiling needs only a few in-plane positions while the "
+    "3\u00d73 band still places up to 9, clamped to the image. The saving shows on full-resolution scans, many "
+    "patches wide, where the full tiling runs several times more windows than the band.")
+WINDOWS_FEWER = " On full-resolution scans the gap is larger: the full tiling grows with the body's width, the band does not."
+
+
+def _gib(v: Any) -> Any:
+    """MiB as GiB with 2 decimals; text (e.g. "not measured") unchanged."""
+    x = pd.to_numeric(v, errors="coerce")
+    return round(float(x) / 1024.0, 2) if pd.notna(x) else v
+
+
+def _short_float(v: Any) -> Any:
+    """Seconds and percentages with two significant decimals at most (text unchanged)."""
+    x = pd.to_numeric(v, errors="coerce")
+    if pd.isna(x) or isinstance(v, (int, np.integer)):
+        return v
+    return round(float(x), 2 if abs(x) < 10 else 1)
+
+
+def _plain_table(df: pd.DataFrame, index: bool = True) -> str:
+    """Like _table, but numbers as they are (already rounded) rather than 4 decimals."""
+    if index and df.index.name and df.columns.nlevels == 1:
+        df = df.rename_axis(index=None, columns=df.index.name)
+    return df.to_html(classes="data", border=0, escape=True, index=index, na_rep="n/a",
+                      float_format=lambda x: f"{x:g}")
+
+
+def efficiency_display(eff: pd.DataFrame, titles: dict[str, str]) -> pd.DataFrame:
+    """evaluation/efficiency_table.csv as the index shows it: models by title, human column names, GiB."""
+    out = eff.copy()
+    out.index = [titles.get(str(i), i) for i in out.index]
+    out.index.name = "model"
+    for col in out.columns:
+        if "MiB)" in col and "MiB·s" not in col:
+            out[col] = [_gib(v) for v in out[col]]
+        elif col not in ("device", "cases"):
+            out[col] = [_short_float(v) for v in out[col]]
+    return out.rename(columns=EFFICIENCY_COLUMNS)
+
+
+def inference_display(inf: pd.DataFrame, titles: dict[str, str]) -> pd.DataFrame:
+    """inference/summary.csv as the index shows it: one row per model (by title), human column names,
+    the share of nnU-Net's windows, GiB; "predicted in this run" only when some cases were reused."""
+    out = inf.copy()
+    if "model" in out.columns:
+        out = out.set_index("model")
+    out.index = [titles.get(str(m), m) for m in out.index]
+    out.index.name = "model"
+    if "predicted now" in out.columns and "cases" in out.columns and (out["predicted now"] == out["cases"]).all():
+        out = out.drop(columns="predicted now")
+    if "peak_rss_mib" in out.columns:
+        out["peak_rss_mib"] = [_gib(v) for v in out["peak_rss_mib"]]
+    for col in ("mean_total_s", "mean_network_s"):
+        if col in out.columns:
+            out[col] = [_short_float(v) for v in out[col]]
+    if {"windows_evaluated", "windows_nnunet_full"} <= set(out.columns):
+        full = pd.to_numeric(out["windows_nnunet_full"], errors="coerce")
+        share = pd.to_numeric(out["windows_evaluated"], errors="coerce") / full.where(full > 0)
+        out.insert(out.columns.get_loc("windows_nnunet_full") + 1, "windows run / full tiling (%)",
+                   [round(100 * v) if pd.notna(v) else "n/a" for v in share])
+    return out.rename(columns=INFERENCE_COLUMNS)
+
+
+def windows_caption(inf: pd.DataFrame) -> str:
+    """The sentence under the inference table that explains the two window counts."""
+    text = WINDOWS_CAPTION
+    if {"windows_evaluated", "windows_nnunet_full"} <= set(inf.columns):
+        run = pd.to_numeric(inf["windows_evaluated"], errors="coerce")
+        full = pd.to_numeric(inf["windows_nnunet_full"], errors="coerce")
+        if (run > full).any():
+            text += WINDOWS_MORE
+        elif (run < full).any():
+            text += WINDOWS_FEWER
+    return text
 
 
 def _section_efficiency(r: _Run) -> str:
     parts = []
-    eff = _read_csv(r.root / "evaluation" / "efficiency_table.csv", index_col=0)
+    eff = _read_csv(r.layout.evaluation / "efficiency_table.csv", index_col=0)
     if eff is None:
         parts.append(r.missing("evaluate", "Efficiency table (time, RAM, CPU/GPU)",
-                                "evaluation/efficiency_table.csv"))
+                                r.rel(r.layout.evaluation / "efficiency_table.csv")))
     else:
-        eff.index = [r.titles.get(str(i), i) for i in eff.index]
-        parts.append("<h3>Efficiency (mean per case)</h3>" + _table(eff))
-    inf = _read_csv(r.root / "inference" / "summary.csv")
+        parts.append("<h3>Efficiency (mean per case)</h3>" + _plain_table(efficiency_display(eff, r.titles))
+                     + '<p class="caption">As the FLARE22 challenge measured it, per case: wall-clock time, peak '
+                       "resident memory, CPU use (mean, and its area under the curve) and GPU memory "
+                       "(\u201cnot measured\u201d on a CPU run).</p>")
+    inf = _read_csv(r.layout.inference / "summary.csv")
     if inf is None:
-        parts.append(r.missing("infer", "Inference summary", "inference/summary.csv"))
+        parts.append(r.missing("infer", "Inference summary", r.rel(r.layout.inference / "summary.csv")))
     else:
-        if "model" in inf.columns:
-            inf.insert(1, "title", [r.titles.get(str(m), "") for m in inf["model"]])
-        parts.append("<h3>Inference</h3>" + _table(inf, index=False))
+        parts.append("<h3>Inference</h3>" + _plain_table(inference_display(inf, r.titles))
+                     + f'<p class="caption">{_e(windows_caption(inf))}</p>')
     return "".join(parts)
+
+
+SELECTION_KEYS = {
+    "n_cases": "unlabelled cases scored", "n_selected": "selected", "n_rejected": "rejected",
+    "n_infinite": "unstable (u infinite: a round found no organ)", "n_empty_last": "empty in the last round",
+    "u_min": "u, smallest", "u_median": "u, median", "u_max_finite": "u, largest finite",
+}
+
+
+TRUTH_KEYS = {
+    "n_cases": "cases with ground truth", "quality_column": "quality measure", "spearman_rho": "Spearman rho(u, 1 - DSC)",
+    "spearman_p": "Spearman p value", "n_selected": "selected", "n_rejected": "rejected",
+    "mean_quality_selected": "mean DSC of the selected", "mean_quality_rejected": "mean DSC of the rejected",
+}
 
 
 def _rule_text(rule: Any) -> str:
@@ -471,12 +608,12 @@ def _rule_text(rule: Any) -> str:
 
 
 def _section_selection(r: _Run) -> str:
-    sel = r.root / "selection"
+    sel = r.layout.selection
     summary = _read_json(sel / SELECTION_SUMMARY)
     if not isinstance(summary, dict):
-        return r.missing("select", "Pseudo-label selection", "selection/selection_summary.json")
-    keys = ("n_cases", "n_selected", "n_rejected", "n_infinite", "n_empty_last", "u_min", "u_median", "u_max_finite")
-    parts = [_kv_table([("rule", _rule_text(summary.get("rule")))] + [(k, summary[k]) for k in keys if k in summary])]
+        return r.missing("select", "Pseudo-label selection", r.rel(sel / SELECTION_SUMMARY))
+    parts = [_kv_table([("rule", _rule_text(summary.get("rule")))]
+                       + [(label, summary[k]) for k, label in SELECTION_KEYS.items() if k in summary])]
     truth = _read_json(sel / "selection_vs_truth.json")
     if isinstance(truth, dict):
         sentence = []
@@ -490,39 +627,51 @@ def _section_selection(r: _Run) -> str:
                             "(positive: the unstable cases are the worse ones).")
         parts.append("<h3>Selection against the truth</h3>"
                      + (f"<p>{_e(' '.join(sentence))}</p>" if sentence else "")
-                     + _kv_table(truth.items()))
+                     + _kv_table((TRUTH_KEYS.get(k, k), v) for k, v in truth.items()))
     else:
         parts.append('<p class="missing">Selection against the truth: not measured (no ground truth '
                      "for the unlabelled cases)</p>")
-    parts.append(_pictures(r.root, ["selection/u_histogram.png", "selection/u_vs_dsc.png"]))
+    parts.append(_pictures(r.root, [r.rel(sel / "u_histogram.png"), r.rel(sel / "u_vs_dsc.png")]))
     return "".join(parts)
 
 
 def _section_pseudo(r: _Run) -> str:
-    df = _read_csv(r.root / "pseudo_labels" / "report" / "quality_per_round.csv", index_col=0)
-    if df is None:
+    report_dir = r.layout.pseudo_report
+    df = _read_csv(report_dir / "quality_per_round.csv", index_col=0)
+    per_case = _read_csv(report_dir / "quality_per_case.csv")
+    if df is None and per_case is None:
         return r.missing("pseudo", "Pseudo-label DSC against the truth per round",
-                         "pseudo_labels/report/quality_per_round.csv")
-    return "<p>Mean DSC of the pseudo labels against the truth, per round.</p>" + _table(df)
+                         r.rel(report_dir / "quality_per_round.csv"))
+    parts = ["<p>Mean DSC of the pseudo labels against the truth (known for the synthetic cohort's "
+             "\u201cunlabelled\u201d cases), per round.</p>"]
+    if per_case is not None and {"round", "mean_dsc"} <= set(per_case.columns) and per_case["mean_dsc"].notna().any():
+        fig = quality_per_round_figure(per_case)
+        parts.append(_figure_html(fig, "Each dot is a case; the points are the means with their 95 % confidence "
+                                       "interval (t distribution). The axis spans the whole DSC range 0-1."))
+    if df is not None:
+        df = df.rename(columns={"mean": "mean DSC", "std": "std", "count": "cases"})
+        df.index.name = df.index.name or "round"
+        parts.append(_table(df))
+    return "".join(parts)
 
 
 def _section_overlays(r: _Run) -> str:
-    ev = r.root / "evaluation"
-    rels = [f"evaluation/{p.name}" for which in ("best", "worst") for p in sorted(ev.glob(f"overlay_{which}_*.png"))]
+    ev = r.layout.evaluation
+    rels = [r.rel(p) for which in ("best", "worst") for p in sorted(ev.glob(f"overlay_{which}_*.png"))]
     if not rels:
-        return r.missing("evaluate", "Best and worst case pictures", "evaluation/overlay_best_*.png")
+        return r.missing("evaluate", "Best and worst case pictures", r.rel(ev) + "/overlay_best_*.png")
     return _pictures(r.root, rels)
 
 
 def _section_curves(r: _Run) -> str:
     parts = []
-    teacher = "teacher/learning_curves.png"
-    parts.append(_picture(r.root, teacher, "teacher", small=True) if (r.root / teacher).is_file()
+    teacher = r.rel(r.layout.teacher / "learning_curves.png")
+    parts.append(_picture(r.root, teacher, "teacher") if (r.root / teacher).is_file()
                  else r.missing("teacher", "Teacher learning curves", teacher))
-    found = {p.name for p in (r.root / "student_training").glob("*") if p.is_dir()}
+    found = {p.name for p in r.layout.student_training.glob("*") if p.is_dir()}
     for variant in [*STUDENT_VARIANTS, *sorted(found - set(STUDENT_VARIANTS))]:
-        rel = f"student_training/{variant}/learning_curves.png"
-        parts.append(_picture(r.root, rel, f"student, {variant.replace('_', ' ')}", small=True)
+        rel = r.rel(r.layout.student(variant) / "learning_curves.png")
+        parts.append(_picture(r.root, rel, f"student, {variant.replace('_', ' ')}")
                      if (r.root / rel).is_file()
                      else r.missing("student", f"Student ({variant.replace('_', ' ')}) learning curves", rel,
                                     unit=f"student:{variant}"))
@@ -555,7 +704,7 @@ def build_index_html(run_dir: str | Path) -> str:
         titles = {}                        # the comparison section reports the broken models.json
     r = _Run(root, units, titles, stages_error)
     try:
-        name = (yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}).get("name")
+        name = (yaml.safe_load(RunLayout(root).params_file.read_text(encoding="utf-8")) or {}).get("name")
     except (OSError, yaml.YAMLError, AttributeError):
         name = None
     name = str(name or root.resolve().name)

@@ -1,28 +1,22 @@
 """Tables and pictures for the study's reports. No metric is computed here.
 
-Everything reads what other stages wrote: per-case metric tables in the official FLARE22 CSV
-layout (``Name``, ``<flare_key>_DSC`` x 13, ``<flare_key>_NSD`` x 13, see flare_utils.evaluation.evaluate),
-efficiency JSON files (flare_utils.evaluation.efficiency.EfficiencyReport.to_dict), NIfTI images and label
-maps, and the conversion summary (flare_utils.data.convert.dataset_summary).
+Everything reads what other stages wrote (per-case metric CSVs, efficiency JSON files, NIfTI
+images and label maps, the conversion summary). Figures are `matplotlib.figure.Figure` objects,
+never pyplot's global state, and are drawn inside ``plot_style()``, isolated from the process's
+rcParams (nnU-Net's logger sets seaborn's 2.5x fonts while training). Slice pictures expect arrays
+in RAS+ voxel order and are shown in the radiological convention.
 
-Figures are built with matplotlib's object API (``matplotlib.figure.Figure``), never through
-pyplot's global state, so nothing accumulates in long notebook sessions; a Figure that is the
-last expression of a notebook cell is shown inline, and ``fig.savefig(path)`` writes it.
-
-Orientation of the slice pictures: arrays are expected in RAS+ voxel order (what
-``nibabel.as_closest_canonical`` gives; the file readers here do that). Axial slices are shown
-with anterior up, coronal slices with superior up, both in the radiological convention (the
-patient's right on the viewer's left). Pixel aspect ratios follow the voxel spacing.
+Details: docs/reference/reports.md
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
-import os
 import re
-import uuid
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -31,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from flare_utils.errors import FlareInputError
-from flare_utils.data.io import atomic_write_text, case_id_from_path, load_nifti
+from flare_utils.data.io import atomic_path, atomic_write_text, case_id_from_path, load_nifti
 from flare_utils.data.labels import LABELS, ORGANS
 
 NOT_MEASURED = "not measured"     # same text as flare_utils.evaluation.efficiency.NOT_MEASURED
@@ -71,6 +65,74 @@ def label_norm() -> BoundaryNorm:
 
 
 # ----------------------------------------------------------------------------------------------
+# plotting style, isolated from the process's global rcParams
+
+# Applied on top of matplotlib's defaults (not of whatever rcParams hold: see plot_style).
+PLOT_STYLE: dict[str, object] = {
+    "font.size": 10.0,
+    "axes.titlesize": 11.0,
+    "axes.labelsize": 10.0,
+    "xtick.labelsize": 9.0,
+    "ytick.labelsize": 9.0,
+    "legend.fontsize": 9.0,
+    "legend.title_fontsize": 9.0,
+    "figure.titlesize": 12.0,
+    "figure.dpi": 100.0,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+
+_F = TypeVar("_F", bound=Callable)
+
+
+@contextlib.contextmanager
+def plot_style() -> Iterator[None]:
+    """matplotlib's default rcParams plus PLOT_STYLE for the duration of the block; the previous
+    rcParams (e.g. seaborn's ``sns.set(font_scale=2.5)``, which nnU-Net's logger applies
+    process-wide) come back afterwards. The backend is left alone."""
+    import matplotlib.style
+    with matplotlib.style.context(PLOT_STYLE, after_reset=True):
+        yield
+
+
+def _freeze_ticks(ax, *, from_style: bool = False) -> None:
+    """Make the tick label size of `ax` explicit. matplotlib creates (and counts) ticks again at
+    every draw, reading ``x/ytick.labelsize`` from the rcParams of that moment unless the Axis holds
+    an explicit size; a figure shown or saved after seaborn's style was set would get other ticks.
+    The size is the one the ticks were made with, or (from_style, for an Axes the caller made
+    outside plot_style) the current rcParams', which then also size the axis labels."""
+    import matplotlib as mpl
+    for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+        if from_style:
+            axis.label.set_fontsize(mpl.rcParams["axes.labelsize"])
+        for which, ticks in (("major", axis.majorTicks), ("minor", axis.minorTicks)):
+            size = mpl.rcParams[f"{name}tick.labelsize"] if from_style else ticks[0].label1.get_fontsize()
+            axis.set_tick_params(which=which, labelsize=size)
+
+
+def styled(func: _F) -> _F:
+    """Decorator: run a figure function inside plot_style().
+
+    Font sizes, colours and tick settings are fixed when the artists are created, and the tick
+    label sizes are made explicit (_freeze_ticks), so a Figure made here looks the same when it is
+    saved or shown later, outside the block, whatever the global rcParams are then. A function that
+    draws on a caller's Axes (and returns it) gets the same treatment for that Axes.
+    """
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from matplotlib.axes import Axes
+        with plot_style():
+            out = func(*args, **kwargs)
+            if isinstance(out, Figure):
+                for ax in out.axes:
+                    _freeze_ticks(ax)
+            elif isinstance(out, Axes):
+                _freeze_ticks(out, from_style=True)
+        return out
+    return wrapper  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
 # small helpers
 
 def slug(name: str) -> str:
@@ -101,16 +163,9 @@ def save_table(df: pd.DataFrame, path: str | Path, *, index: bool = True) -> Pat
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
     """Write a figure (format from the suffix) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def read_per_case(path: str | Path) -> pd.DataFrame:
@@ -344,48 +399,64 @@ def _set_colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
+BOX_PANEL_COLUMNS = 5          # organ panels per row of box_plots (13 organs: 3 rows, legend in the last)
+
+
+@styled
 def box_plots(per_case_frames: Mapping[str, pd.DataFrame], metric: str = "DSC", *,
               title: str | None = None) -> Figure:
-    """Per organ, one box per prediction set (per-case values, NaN skipped)."""
+    """One small panel per organ, one box per prediction set in it (per-case values, NaN skipped).
+
+    Panels come in rows of BOX_PANEL_COLUMNS with a shared y axis (0-1 for DSC and NSD), so the
+    figure stays about 1150 px wide at 110 dpi however many sets there are; the sets' colours are
+    explained once, in the first free panel (or under the panels). Each panel's title is the organ.
+    """
     metric = _check_metric(metric)
     _check_frames(per_case_frames, metric)
     organs = [o for o in ORGANS
               if any(f"{o.flare_key}_{metric}" in df.columns for df in per_case_frames.values())]
     names = list(per_case_frames)
     colors = _set_colors(len(names))
-    group = len(names) + 1
-    fig = Figure(figsize=(max(8.0, 0.28 * group * len(organs) + 2.0), 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    for si, name in enumerate(names):
-        df = per_case_frames[name]
-        data, pos = [], []
-        for oi, o in enumerate(organs):
-            col = f"{o.flare_key}_{metric}"
+    ncols = min(BOX_PANEL_COLUMNS, len(organs))
+    nrows = math.ceil(len(organs) / ncols)
+    fig = Figure(figsize=(2.1 * ncols + 0.4, 2.0 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    flat = list(axes.ravel())
+    width = min(0.75, 2.4 / max(1, len(names)) + 0.25)
+    for oi, o in enumerate(organs):
+        ax = flat[oi]
+        col = f"{o.flare_key}_{metric}"
+        for si, name in enumerate(names):
+            df = per_case_frames[name]
             if col not in df.columns:
                 continue
             v = pd.to_numeric(df[col], errors="coerce").replace([np.inf, -np.inf], np.nan).dropna()
             if len(v) == 0:
                 continue
-            data.append(v.to_numpy())
-            pos.append(oi * group + si)
-        if data:
-            bp = ax.boxplot(data, positions=pos, widths=0.75, patch_artist=True, manage_ticks=False,
-                            flierprops={"markersize": 3})
+            bp = ax.boxplot([v.to_numpy()], positions=[si], widths=width, patch_artist=True,
+                            manage_ticks=False, flierprops={"markersize": 3})
             for box in bp["boxes"]:
                 box.set_facecolor(colors[si])
                 box.set_alpha(0.75)
             for med in bp["medians"]:
                 med.set_color("black")
-    ax.set_xticks([oi * group + (len(names) - 1) / 2 for oi in range(len(organs))])
-    ax.set_xticklabels([o.title for o in organs], rotation=35, ha="right")
-    ax.set_xlim(-1, len(organs) * group - 1)
-    if metric in ("DSC", "NSD"):
-        ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel(metric)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(handles=[Patch(facecolor=c, alpha=0.75, label=n) for c, n in zip(colors, names)],
-              loc="lower left", fontsize="small")
-    ax.set_title(title or f"{metric} per organ")
+        ax.set_title(o.title)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_xticks([])
+        ax.grid(axis="y", alpha=0.3)
+        if metric in ("DSC", "NSD"):
+            ax.set_ylim(-0.02, 1.02)
+        if oi % ncols == 0:
+            ax.set_ylabel(metric)
+    handles = [Patch(facecolor=c, alpha=0.75, label=n) for c, n in zip(colors, names)]
+    spare = flat[len(organs):]
+    for ax in spare:
+        ax.set_axis_off()
+    if spare:
+        spare[0].legend(handles=handles, loc="center left", frameon=False, title="prediction set")
+    else:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(names), 4), frameon=False)
+    fig.suptitle(title or f"{metric} per organ")
     return fig
 
 
@@ -426,6 +497,7 @@ def _legend_handles(*labels: np.ndarray | None) -> list[Patch]:
             for v in sorted(present) if v in LABEL_COLORS]
 
 
+@styled
 def overlay_figure(image: np.ndarray | None, gt: np.ndarray | None, pred: np.ndarray | None = None, *,
                    spacing: Sequence[float] = (1.0, 1.0, 1.0), title: str | None = None,
                    window: tuple[float, float] | None = CT_WINDOW, alpha: float = 0.45,
@@ -523,6 +595,7 @@ def overlay_case(case: str, gt_dir: str | Path, pred_dir: str | Path | None = No
     return overlay_figure(image, gt, pred, spacing=spacing, title=title or cid, window=window)
 
 
+@styled
 def case_gallery(dataset_dir: str | Path, n: int = 3, *,
                  window: tuple[float, float] | None = CT_WINDOW, alpha: float = 0.45) -> Figure:
     """Axial and coronal slices of the first n labelled cases of an nnU-Net raw dataset.
@@ -564,31 +637,123 @@ def case_gallery(dataset_dir: str | Path, n: int = 3, *,
     return fig
 
 
+@styled
 def learning_curves_figure(curves: pd.DataFrame, by: str | Sequence[str] = "fold", *,
                            title: str | None = None) -> Figure:
     """Training (solid) and validation (dashed) loss, and nnU-Net's pseudo Dice, per epoch.
 
     `curves`: rows of `flare_utils.training.read_learning_curves` (epoch, train_loss, val_loss,
     pseudo_dice) stacked, with the column(s) `by` naming each run (e.g. "fold"); one colour per run.
+    About 1100 px wide at 110 dpi; the runs' colours are explained once, beside the Dice panel.
     """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
     keys = [by] if isinstance(by, str) else list(by)
     missing = [c for c in (*keys, "epoch", "train_loss", "val_loss", "pseudo_dice") if c not in curves.columns]
     if missing or curves.empty:
         raise FlareInputError(None, f"learning_curves_figure: {'no rows' if curves.empty else f'missing {missing}'}")
     groups = list(curves.groupby(keys, sort=False))
     colors = _set_colors(len(groups))
-    fig = Figure(figsize=(11.0, 3.8), layout="constrained")
+    fig = Figure(figsize=(10.0, 3.6), layout="constrained")
     ax_loss, ax_dice = fig.subplots(1, 2)
+    marker = "." if curves["epoch"].nunique() <= 60 else None
     for color, (name, df) in zip(colors, groups):
         label = " ".join(f"{k} {v}" for k, v in zip(keys, name if isinstance(name, tuple) else (name,)))
-        ax_loss.plot(df["epoch"], df["train_loss"], "-", marker=".", color=color, label=f"{label} train")
-        ax_loss.plot(df["epoch"], df["val_loss"], "--", marker=".", color=color, label=f"{label} val")
-        ax_dice.plot(df["epoch"], df["pseudo_dice"], "-", marker=".", color=color, label=label)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (train solid, validation dashed)")
+        ax_loss.plot(df["epoch"], df["train_loss"], "-", marker=marker, color=color, label=f"{label} train")
+        ax_loss.plot(df["epoch"], df["val_loss"], "--", marker=marker, color=color, label=f"{label} val")
+        ax_dice.plot(df["epoch"], df["pseudo_dice"], "-", marker=marker, color=color, label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_dice.set(xlabel="epoch", ylabel="pseudo Dice", title="validation pseudo Dice", ylim=(-0.02, 1.02))
+    epochs = sorted(pd.to_numeric(curves["epoch"], errors="coerce").dropna().unique())
     for ax in (ax_loss, ax_dice):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if 0 < len(epochs) <= 12:                 # few epochs: a tick at each, none in between
+            ax.set_xticks(epochs)
+            if len(epochs) == 1:
+                ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.legend(handles=[Line2D([], [], color="0.3", linestyle="-", label="training"),
+                            Line2D([], [], color="0.3", linestyle="--", label="validation")])
+    ax_dice.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def _round_order(values: Iterable) -> list:
+    """Distinct round labels in numeric order when they are numbers ("round 2" < "round 10")."""
+    def key(v):
+        m = re.search(r"-?\d+(?:\.\d+)?", str(v))
+        return (0, float(m.group()), str(v)) if m else (1, 0.0, str(v))
+    return sorted(dict.fromkeys(values), key=key)
+
+
+def round_statistics(per_case: pd.DataFrame, value: str = "mean_dsc", *, level: float = 0.95) -> pd.DataFrame:
+    """Per round: cases, mean, std (ddof=1) and the two-sided `level` t confidence interval of the mean.
+
+    Index: the round labels in round order; columns n, mean, std, ci_low, ci_high (NaN interval
+    for a round with a single case). NaN values are skipped.
+    """
+    from scipy import stats
+    missing = [c for c in ("round", value) if c not in per_case.columns]
+    if missing:
+        raise FlareInputError(None, f"per-case table lacks column(s) {missing} (columns: {list(per_case.columns)})")
+    rows = {}
+    for r in _round_order(per_case["round"]):
+        v = pd.to_numeric(per_case.loc[per_case["round"] == r, value], errors="coerce").dropna().to_numpy(float)
+        n = len(v)
+        mean = float(v.mean()) if n else math.nan
+        std = float(v.std(ddof=1)) if n > 1 else math.nan
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+        rows[r] = {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+    out = pd.DataFrame.from_dict(rows, orient="index", columns=["n", "mean", "std", "ci_low", "ci_high"])
+    out.index.name = "round"
+    return out
+
+
+@styled
+def quality_per_round_figure(per_case: pd.DataFrame, *, value: str = "mean_dsc", level: float = 0.95,
+                             title: str | None = "pseudo-label quality per round",
+                             ylabel: str = "mean DSC vs ground truth") -> Figure:
+    """Pseudo-label quality per round: every case as a faint dot, the mean with its `level`
+    (95 %) t confidence interval as a point with error bars, the means joined by a line.
+
+    `per_case`: one row per (case, round) with columns `round` and `value` (notebook 03's
+    quality_per_case.csv: round, mean_dsc). The y axis spans 0-1 (DSC), widened if a value lies
+    outside, so small differences between rounds are not blown up by a zoomed axis.
+    """
+    stats_ = round_statistics(per_case, value, level=level)
+    if stats_.empty or not stats_["n"].any():
+        raise FlareInputError(None, f"quality_per_round_figure: no {value} values")
+    rounds = list(stats_.index)
+    x = np.arange(len(rounds), dtype=float)
+    fig = Figure(figsize=(max(4.5, 1.1 * len(rounds) + 2.5), 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(0)
+    for xi, r in zip(x, rounds):
+        v = pd.to_numeric(per_case.loc[per_case["round"] == r, value], errors="coerce").dropna().to_numpy(float)
+        ax.scatter(xi + rng.uniform(-0.12, 0.12, len(v)), v, s=10, color="0.6", alpha=0.6, linewidths=0,
+                   label="cases" if xi == 0 else None, zorder=2)
+    ci = stats_[["ci_low", "ci_high"]].to_numpy(float)
+    err = np.vstack([stats_["mean"] - ci[:, 0], ci[:, 1] - stats_["mean"]])
+    err = np.nan_to_num(err, nan=0.0)
+    ax.errorbar(x, stats_["mean"], yerr=err, fmt="o-", color="tab:blue", capsize=4, markersize=6,
+                label=f"mean, {level:.0%} CI", zorder=3)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(r) if not str(r).lstrip("-").isdigit() else f"round {r}" for r in rounds])
+    ax.set_xlim(-0.5, len(rounds) - 0.5)
+    values = pd.to_numeric(per_case[value], errors="coerce").dropna()
+    lo = min(0.0, float(values.min())) if len(values) else 0.0
+    hi = max(1.0, float(values.max())) if len(values) else 1.0
+    ax.set_ylim(lo - 0.02, hi + 0.02)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    n = stats_["n"].astype(int)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False,
+              title=(f"n = {n.iloc[0]} cases per round" if n.nunique() == 1
+                     else f"n = {n.min()}-{n.max()} cases per round"))
+    if title:
+        ax.set_title(title)
     return fig
