@@ -1,6 +1,7 @@
 """notebooks/02_teacher_training.ipynb end to end (papermill) on a tiny phantom dataset: planning of a unit-test
 scale teacher plan plus the student's efficient_demo plan, a custom 2-fold split with a forced training case,
-1 epoch x 2 iterations per fold with nnU-Net's final validation."""
+1 epoch x 2 iterations per fold with nnU-Net's final validation; then the same run opened by hand (shown from its
+files, not retrained) and the notebook's defaults (no run_dir: a clear error)."""
 from __future__ import annotations
 
 import json
@@ -11,19 +12,22 @@ import nbformat
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 pm = pytest.importorskip("papermill")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "02_teacher_training.ipynb"
 from tiny_data import preserved_environ  # noqa: E402
+from notebook_support import printed_and_pictures  # noqa: E402
 DATASET = 512
 NAME = "TeacherTiny"
 TINY_PLAN = {"name": "teachertest", "description": "unit-test scale teacher", "base_features": 4, "max_features": 32,
              "n_conv_per_stage": 1, "n_downsamplings": 2, "patch_size_zyx": [16, 32, 32],
              "spacing_zyx": [8.0, 8.0, 8.0], "batch_size": 2}
-PARAMETERS = ("run_dir", "dataset_id", "plan_variants", "plans", "trainer", "folds", "epochs", "iterations_per_epoch",
-              "val_iterations", "device", "seed", "loss", "init_checkpoint", "freeze_encoder_stages", "splits",
-              "batch_size", "num_threads", "n_proc_da", "final_validation", "processes", "verbose")
+PARAMETERS = ("run_dir", "replace", "dataset_id", "plan_variants", "plans", "trainer", "folds", "epochs",
+              "iterations_per_epoch", "val_iterations", "device", "seed", "loss", "optimizer", "initial_lr",
+              "oversample_foreground", "mirroring", "init_checkpoint", "freeze_encoder_stages", "splits",
+              "batch_size", "num_threads", "n_proc_da", "final_validation", "processes", "verify", "verbose")
 
 
 def build_tiny_raw(base: Path) -> Path:
@@ -53,7 +57,7 @@ def executed(tmp_path_factory):
         splits = {"n_folds": 2, "always_train": [cases[0]]}          # a "difficult" case in every training set
         out_nb = run_dir.parent / "02.out.ipynb"
         pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
-                            parameters={"run_dir": str(run_dir), "dataset_id": DATASET,
+                            parameters={"run_dir": str(run_dir), "replace": True, "dataset_id": DATASET,
                                         "plan_variants": [TINY_PLAN, "efficient_demo"], "plans": "teachertest",
                                         "folds": [0, 1], "epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1,
                                         "device": "cpu", "seed": 0, "splits": splits, "num_threads": 1,
@@ -72,7 +76,7 @@ def test_notebook_is_stored_clean():
 
 
 @pytest.mark.slow
-def test_teacher_outputs(executed):
+def test_teacherprinted_and_pictures(executed):
     run_dir, out_nb, cases = executed
     out = run_dir / "teacher"
     summary = json.loads((out / "summary.json").read_text())
@@ -116,11 +120,56 @@ def test_teacher_outputs(executed):
     assert summary["cv_mean_dice"] == pytest.approx(cv.loc["mean", "mean"])
     assert "Epoch 0" in (out / "training_console.log").read_text()   # nnU-Net's chatter kept out of the notebook
 
-    nb = nbformat.read(out_nb, as_version=4)
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    text = "".join(o.get("text", "") for o in outputs)
+    text, images = printed_and_pictures(out_nb)
     assert "Epoch 0" not in text and "custom split written" in text
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1     # the learning-curve figure rendered
+    assert images >= 1                                                   # the learning-curve figure rendered
+
+    # the result read back from the files is the one the stage returned (what a finished run shows)
+    from flare_utils.training.teacher_stage import load_teacher_result
+    r = load_teacher_result(run_dir)
+    assert r.summary == summary and r.results_folder == results and r.figure == out / "learning_curves.png"
+    assert r.plans.loc["nnUNetPlans_teachertest", "role"] == "teacher" and r.plans.loc["accurate (full size)",
+                                                                                        "role"] == "paper"
+    assert list(r.splits["n_val"]) == [2, 2] and list(r.last_epoch.index) == ["0", "1"]
+    assert list(r.last_epoch.columns[:3]) == ["epoch", "train_loss", "val_loss"]
+    assert r.cv_dice.loc["liver", "mean"] == pytest.approx(summary["cv_dice"]["liver"])
+    assert json.loads((run_dir / "models.json").read_text())["teacher"]["path"] == str(results)
+
+
+@pytest.mark.slow
+def test_finished_run_is_shown_not_retrained(executed):
+    """Opened by hand with only run_dir on a run whose teacher stage is complete (params.yaml + the runner's
+    marker): the notebook shows the stage's files and trains nothing; a changed setting is refused."""
+    run_dir, _, cases = executed
+    params = {"stages": ["teacher"], "device": "cpu", "data": {"dataset_id": DATASET, "dataset_name": NAME},
+              "teacher": {"plan_variants": [TINY_PLAN, "efficient_demo"], "plans": "teachertest", "folds": [0, 1],
+                          "epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1, "num_threads": 1,
+                          "n_proc_da": 0, "splits": {"n_folds": 2, "always_train": [cases[0]]}}}
+    marker = run_dir / ".flare_stages" / "teacher.json"
+    written = [run_dir / "params.yaml", marker]
+    files = [*sorted((run_dir / "teacher").iterdir()), run_dir / "models.json",
+             *sorted((run_dir / "nnUNet_results").rglob("checkpoint_final.pth"))]
+    stamps = [p.stat().st_mtime_ns for p in files]
+    try:
+        (run_dir / "params.yaml").write_text(yaml.safe_dump(params))
+        marker.parent.mkdir(exist_ok=True)
+        marker.write_text(json.dumps({"unit": "teacher"}))
+        shown = run_dir.parent / "02.shown.ipynb"
+        with preserved_environ():
+            pm.execute_notebook(str(NOTEBOOK), str(shown), kernel_name="python3", progress_bar=False,
+                                parameters={"run_dir": str(run_dir)})
+        assert [p.stat().st_mtime_ns for p in files] == stamps               # nothing rewritten
+        text, images = printed_and_pictures(shown)
+        assert "shown from its files" in text and "custom split written" not in text and images == 1
+        assert "nnUNetPlans_teachertest" in text and "cv_mean_dice" in text
+        with preserved_environ(), pytest.raises(pm.PapermillExecutionError) as e:
+            pm.execute_notebook(str(NOTEBOOK), str(run_dir.parent / "02.refused.ipynb"), kernel_name="python3",
+                                progress_bar=False, parameters={"run_dir": str(run_dir), "epochs": 3})
+        assert e.value.ename == "FlareInputError" and "epochs" in e.value.evalue and "replace" in e.value.evalue
+        assert [p.stat().st_mtime_ns for p in files] == stamps
+    finally:                  # the next test re-runs the notebook on this folder by its parameters
+        for p in written:
+            p.unlink(missing_ok=True)
 
 
 @pytest.mark.slow
@@ -137,7 +186,8 @@ def test_rerun_with_transfer_batch_size_and_fold_all(executed):
     out_nb = run_dir.parent / "02b.out.ipynb"
     with preserved_environ():
         pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
-                            parameters={"run_dir": str(run_dir), "dataset_id": DATASET, "plan_variants": [TINY_PLAN],
+                            parameters={"run_dir": str(run_dir), "replace": True, "dataset_id": DATASET,
+                                        "plan_variants": [TINY_PLAN],
                                         "plans": "teachertest", "folds": "all", "epochs": 1, "iterations_per_epoch": 2,
                                         "val_iterations": 1, "device": "cpu", "loss": "dice", "mirroring": False,
                                         "init_checkpoint": str(init), "freeze_encoder_stages": 1, "batch_size": 3,

@@ -11,16 +11,18 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 pm = pytest.importorskip("papermill")
 
 from test_inference_support import tiny_cases, tiny_model  # noqa: E402,F401  (fixtures)
+from notebook_support import outputs, tree_state  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_efficient_inference.ipynb"
 
 
 @pytest.fixture(scope="module")
-def executed(tiny_model, tiny_cases, tmp_path_factory):
+def executed(tiny_model, tiny_cases, tmp_path_factory):  # noqa: F811 (fixtures)
     root = tmp_path_factory.mktemp("nb06")
     (root / "images").mkdir()
     (root / "gt").mkdir()
@@ -63,12 +65,11 @@ def test_predictions_and_reports_written(executed):
 @pytest.mark.slow
 def test_executed_notebook_shows_table_and_picture(executed):
     _, _, out_nb = executed
-    nb = nbformat.read(str(out_nb), as_version=4)
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    outs = outputs(out_nb)
+    assert not [o for o in outs if o.get("output_type") == "error"]
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outs)
     assert "windows_evaluated" in html and "windows_nnunet_full" in html
-    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert any("image/png" in o.get("data", {}) for o in outs)
 
 
 def test_stored_notebook_is_clean_and_parameterised():
@@ -80,3 +81,82 @@ def test_stored_notebook_is_clean_and_parameterised():
                  "centre_threshold", "inplane_step", "ground_truth_dir"):
         assert f"{name} =" in code[0].source
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+
+
+# ---------------------------------------------------------------- a finished run, opened by setting run_dir
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tiny_cases, tmp_path_factory):  # noqa: F811 (fixtures)
+    """A run whose infer stage the runner completed: params.yaml, two registered models (the teacher
+    and a student), held-out images and labels in its raw dataset, and the stage's marker."""
+    from flare_utils.study.models import register_model
+    run_dir = tmp_path_factory.mktemp("nb06_run") / "run"
+    raw = run_dir / "nnUNet_raw" / "Dataset990_Tiny"
+    (raw / "imagesTs").mkdir(parents=True)
+    (raw / "labelsTs").mkdir()
+    for i in (0, 1):
+        shutil.copy(tiny_cases / "images" / f"case{i}_0000.nii.gz", raw / "imagesTs")
+        shutil.copy(tiny_cases / "labels" / f"case{i}.nii.gz", raw / "labelsTs")
+    (run_dir / "params.yaml").write_text(yaml.safe_dump({
+        "name": "nb06", "device": "cpu", "stages": ["infer"], "data": {"dataset_id": 990, "dataset_name": "Tiny"},
+        "inference": {"centre_threshold": 200}}))
+    for name in ("teacher", "student_selected"):
+        register_model(run_dir, name, tiny_model, folds=[0], title=name, role=name.split("_")[0],
+                       training_data="tiny phantom cases")
+    pm.execute_notebook(str(NOTEBOOK), str(run_dir.parent / "06_runner.ipynb"), kernel_name="python3",
+                        progress_bar=False, parameters={"run_dir": str(run_dir), "replace": True})   # the runner's
+    (run_dir / ".flare_stages").mkdir()
+    (run_dir / ".flare_stages" / "infer.json").write_text("{}")
+    return run_dir
+
+
+@pytest.mark.slow
+def test_stage_predicts_with_the_runs_models(finished_run):
+    inference = finished_run / "inference"
+    summary = json.loads((inference / "summary.json").read_text())
+    assert list(summary["models"]) == ["teacher", "student_selected"] and summary["centre_threshold"] == 200
+    for name in ("teacher", "student_selected"):
+        assert sorted(p.name for p in (inference / name).glob("*.nii.gz")) == ["case0.nii.gz", "case1.nii.gz"]
+    shown = json.loads((inference / "student_selected" / "efficiency" / "notebook_summary.json").read_text())
+    assert shown["showcase"] == "student_selected" and shown["models"] == ["teacher", "student_selected"]
+    assert set(shown["mean_dsc_per_model"]) == {"teacher", "student_selected"}
+    assert Path(shown["figure"]).is_file()
+
+
+@pytest.mark.slow
+def test_finished_run_is_shown_from_its_files_and_nothing_is_rewritten(finished_run):
+    from flare_utils.inference.stage import load_inference_result
+    before = tree_state(finished_run)
+    out_nb = finished_run.parent / "06_show.ipynb"
+    pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
+                        parameters={"run_dir": str(finished_run)})            # as "Run All" with run_dir set
+    assert tree_state(finished_run) == before
+    outs = outputs(nbformat.read(str(out_nb), as_version=4))
+    assert not [o for o in outs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outs)
+    assert "shown from its files" in text and "shown: student_selected" in text
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outs)
+    assert "teacher" in html and "windows evaluated" in html and "mean DSC" in html
+    assert any("image/png" in o.get("data", {}) for o in outs)
+    result = load_inference_result(finished_run)
+    assert list(result.overview.index) == ["teacher", "student_selected"]
+    assert sorted(result.cases["case_id"]) == ["case0", "case1"] and result.wall_s is not None
+    assert set(result.dsc) == {"teacher", "student_selected"} and result.figure.is_file()
+    assert tree_state(finished_run) == before
+
+
+@pytest.mark.slow
+def test_finished_run_refuses_other_settings_unless_sent_elsewhere(finished_run, tiny_model, tmp_path):  # noqa: F811 (fixtures)
+    before = tree_state(finished_run)
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(NOTEBOOK), str(tmp_path / "refused.ipynb"), kernel_name="python3",
+                            progress_bar=False, parameters={"run_dir": str(finished_run), "mode": "full"})
+    assert "mode" in e.value.evalue and "replace = True" in e.value.evalue and "output_dir" in e.value.evalue
+    other = tmp_path / "full"
+    pm.execute_notebook(str(NOTEBOOK), str(tmp_path / "full.ipynb"), kernel_name="python3", progress_bar=False,
+                        parameters={"run_dir": str(finished_run), "mode": "full", "output_dir": str(other),
+                                    "models": {"teacher": {"path": str(tiny_model), "folds": [0]}}, "showcase": "teacher"})
+    assert tree_state(finished_run) == before
+    table = pd.read_csv(other / "teacher" / "efficiency" / "summary.csv")
+    assert (table["mode"] == "full").all() and (other / "summary.json").is_file()

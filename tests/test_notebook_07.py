@@ -9,11 +9,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 pytest.importorskip("flare_utils.evaluation.evaluate")
 pm = pytest.importorskip("papermill")
 
 from flare_utils.evaluation.efficiency import EfficiencyReport  # noqa: E402
+from notebook_support import outputs, tree_state  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "07_evaluation.ipynb"
 SPACING = (1.5, 1.5, 3.0)
@@ -46,7 +48,8 @@ def _perturb(lab: np.ndarray, i: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def cases(tmp_path_factory):
+    """images/, gt/, preds_a/ (perfect), preds_b/ (perturbed) and timing_a.json in one folder."""
     root = tmp_path_factory.mktemp("nb07")
     for i in range(3):
         img, lab = _case(i)
@@ -58,6 +61,13 @@ def executed(tmp_path_factory):
     timing.write_text(json.dumps(EfficiencyReport(
         wall_s=12.5, peak_rss_mib=3100.0, cpu_util_mean=48.0, cpu_auc=600.0, gpu_mem_peak_mib=None,
         gpu_auc=None, samples=125, device="cpu").to_dict()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def executed(cases):
+    root = cases
+    timing = root / "timing_a.json"
     run_dir = root / "run"
     out_nb = root / "07_evaluation.out.ipynb"
     pm.execute_notebook(
@@ -137,3 +147,86 @@ def test_stored_notebook_is_clean_and_parameterised():
                  "revision", "hd95", "processes"):
         assert f"{name} =" in code[0].source
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+
+
+# ---------------------------------------------------------------- a finished run, opened by setting run_dir
+
+
+@pytest.fixture(scope="module")
+def finished_run(cases):
+    """A run whose evaluate stage the runner completed: its params.yaml, its inference stage's summary
+    (two models, one timing file) and the stage's marker."""
+    root = cases
+    run_dir = root / "finished"
+    inference = run_dir / "inference"
+    inference.mkdir(parents=True)
+    (inference / "summary.json").write_text(json.dumps({"models": {
+        "teacher": {"output_dir": str(root / "preds_a"), "run_report": str(root / "timing_a.json")},
+        "student_selected": {"output_dir": str(root / "preds_b"), "run_report": None}}}))
+    (run_dir / "params.yaml").write_text(yaml.safe_dump({
+        "name": "nb07", "device": "cpu", "stages": ["evaluate"],
+        "evaluation": {"ground_truth_dir": str(root / "gt"), "image_dir": str(root / "images"), "processes": 1}}))
+    pm.execute_notebook(str(NOTEBOOK), str(root / "07_runner.ipynb"), kernel_name="python3", progress_bar=False,
+                        parameters={"run_dir": str(run_dir), "replace": True})     # what the runner passes
+    (run_dir / ".flare_stages").mkdir()
+    (run_dir / ".flare_stages" / "evaluate.json").write_text("{}")
+    return run_dir
+
+
+@pytest.mark.slow
+def test_stage_takes_the_runs_prediction_sets_and_timing_files(finished_run):
+    ev = finished_run / "evaluation"
+    overview = pd.read_csv(ev / "overview.csv", index_col=0)
+    assert list(overview.index) == ["teacher", "student_selected"]
+    assert overview.loc["teacher", "mean DSC"] == 1.0 and overview.loc["student_selected", "mean DSC"] < 1.0
+    eff = pd.read_csv(ev / "efficiency_table.csv", index_col=0)
+    assert list(eff.index) == ["teacher"] and eff.loc["teacher", "time (s)"] == 12.5
+    assert not list(finished_run.glob(".evaluation*"))         # no temporary folder left
+
+
+@pytest.mark.slow
+def test_finished_run_is_shown_from_its_files_and_nothing_is_rewritten(finished_run):
+    before = tree_state(finished_run)
+    out_nb = finished_run.parent / "07_show.ipynb"
+    pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", progress_bar=False,
+                        parameters={"run_dir": str(finished_run)})            # as "Run All" with run_dir set
+    assert tree_state(finished_run) == before
+    outs = outputs(nbformat.read(str(out_nb), as_version=4))
+    text = "".join(o.get("text", "") for o in outs)
+    assert "shown from its files" in text and "Metric revision: 2022" in text
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outs)
+    assert "student_selected" in html and "12.5" in html          # the run's sets and its timing file
+    assert sum("image/png" in o.get("data", {}) for o in outs) >= 4
+
+
+@pytest.mark.slow
+def test_finished_run_refuses_other_settings_without_replace(finished_run):
+    before = tree_state(finished_run)
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(NOTEBOOK), str(finished_run.parent / "07_refused.ipynb"), kernel_name="python3",
+                            progress_bar=False, parameters={"run_dir": str(finished_run), "hd95": True})
+    assert "hd95" in e.value.evalue and "replace = True" in e.value.evalue
+    assert tree_state(finished_run) == before
+
+
+@pytest.mark.slow
+def test_rewriting_leaves_nothing_of_sets_no_longer_evaluated(cases, tmp_path):
+    from flare_utils.evaluation.stage import evaluate_stage, load_evaluation_result
+    both = {"labelled only": str(cases / "preds_a"), "with pseudo labels": str(cases / "preds_b")}
+    kw = dict(ground_truth_dir=cases / "gt", image_dir=cases / "images", processes=1, log=lambda m: None)
+    evaluate_stage(tmp_path, prediction_sets=both, timing_files={"labelled only": cases / "timing_a.json"}, **kw)
+    ev = tmp_path / "evaluation"
+    (ev / "my_notes.txt").write_text("kept")                     # not the stage's: kept
+    res = evaluate_stage(tmp_path, prediction_sets={"with pseudo labels": both["with pseudo labels"]}, **kw)
+    assert sorted(p.name for p in ev.iterdir() if p.is_dir()) == ["with-pseudo-labels"]
+    assert list(pd.read_csv(ev / "organ_table_DSC.csv", index_col=0).columns) == ["with pseudo labels"]
+    assert list(pd.read_csv(ev / "overview.csv")["set"]) == ["with pseudo labels"]
+    assert not (ev / "efficiency_table.csv").exists()
+    overlays = [p.name for p in ev.glob("overlay_*.png")]
+    assert len(overlays) == 2 and set(overlays) == {p.name for p in res.overlays().values()}
+    assert (ev / "my_notes.txt").read_text() == "kept"
+    loaded = load_evaluation_result(tmp_path)
+    assert list(loaded.overview.index) == ["with pseudo labels"] and loaded.metrics == ["DSC", "NSD"]
+    assert loaded.organ_tables["DSC"].equals(pd.read_csv(ev / "organ_table_DSC.csv", index_col=0))
+    assert loaded.figures == res.figures and loaded.efficiency is None
+    assert loaded.extremes.equals(res.extremes)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from flare_utils.study.runner import StageFailed, run_study
+from notebook_support import execute_as_jupyterlab, tree_state
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -159,6 +160,42 @@ def test_second_run_skips_every_stage_and_changes_nothing(smoke_run):
     stages = json.loads((run_dir / "stages.json").read_text())
     assert [s["status"] for s in stages] == ["skipped"] * 9
     assert all(s["seconds"] is not None for s in stages)        # the time of the run that made it
+
+
+STAGE_NOTEBOOKS = sorted(p.name for p in (PROJECT / "notebooks").glob("0*.ipynb"))
+
+
+@pytest.mark.slow
+def test_every_notebook_opens_on_the_finished_run_by_setting_run_dir_and_rewrites_nothing(smoke_run):
+    run_dir, _ = smoke_run
+    before = tree_state(run_dir)
+    for name in STAGE_NOTEBOOKS:
+        nb = execute_as_jupyterlab(PROJECT / "notebooks" / name, run_dir)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert not errors, (name, errors)
+        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+        assert "shown from its files" in text, name
+    after = tree_state(run_dir)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)
+                     and "__pycache__" not in k)
+    assert not changed, changed
+
+
+@pytest.mark.parametrize("name", [n for n in STAGE_NOTEBOOKS if not n.startswith("01")])
+def test_stage_notebooks_with_their_defaults_stop_at_once_naming_run_dir(name):
+    from nbclient.exceptions import CellExecutionError
+    with pytest.raises(CellExecutionError) as e:
+        execute_as_jupyterlab(PROJECT / "notebooks" / name)
+    assert "FlareInputError" in str(e.value) and "set run_dir" in str(e.value)
+
+
+@pytest.mark.slow
+def test_conversion_notebook_runs_on_its_own_in_a_new_folder(tmp_path):
+    nb = execute_as_jupyterlab(PROJECT / "notebooks" / "01_data_conversion.ipynb", tmp_path / "standalone")
+    assert (tmp_path / "standalone" / "conversion" / "summary.csv").is_file()
+    assert yaml.safe_load((tmp_path / "standalone" / "params.yaml").read_text())["name"] == "smoke"  # a run now
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
 @pytest.mark.slow

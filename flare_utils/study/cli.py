@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from flare_utils.errors import FlareInputError
+from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
 
 
 def _cmd_phantom(a: argparse.Namespace) -> int:
@@ -64,9 +65,8 @@ def _cmd_status(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from flare_utils.evaluation.evaluate import evaluate_folders
-    res = evaluate_folders(a.pred_dir, a.gt_dir, a.out, revision=a.revision, hd95=a.hd95,
-                           processes=a.processes)
+    from flare_utils.api import evaluate
+    res = evaluate(a.pred_dir, a.gt_dir, a.out, revision=a.revision, hd95=a.hd95, processes=a.processes)
     s = res.summary
     print(json.dumps({k: s[k] for k in ("revision", "n_cases", "mean_dsc", "mean_nsd") if k in s},
                      indent=2))
@@ -74,11 +74,26 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from flare_utils.inference.predictor import run_predict
-    return run_predict(a.model_dir, a.input, a.output, folds=a.folds, mode=a.mode, tta=a.tta, device=a.device,
-                       spacing=a.spacing, centre_threshold=a.centre_threshold,
-                       inplane_step=a.inplane_step, overwrite=a.overwrite,
-                       keep_going=a.keep_going, checkpoint=a.checkpoint)
+    from flare_utils.api import segment
+    from flare_utils.inference.case_report import EFFICIENCY_DIR, SUMMARY_CSV
+    seg = segment(a.input, a.output, a.model_dir, folds=a.folds, mode=a.mode, tta=a.tta, device=a.device,
+                  spacing=a.spacing, centre_threshold=a.centre_threshold, inplane_step=a.inplane_step,
+                  overwrite=a.overwrite, keep_going=a.keep_going, checkpoint=a.checkpoint)
+    if Path(a.input).is_dir():
+        out = Path(a.output)
+        n_done = len(seg.report) - len(seg.skipped) - len(seg.failed)
+        print(f"{n_done} case(s) predicted, {len(seg.skipped)} already done, {len(seg.failed)} failed -> {out} "
+              f"(reports: {out / EFFICIENCY_DIR / SUMMARY_CSV}; {seg.report.attrs.get('wall_s', 0):.1f} s)")
+        return 1 if seg.failed else 0
+    (case, target), = seg.paths.items()
+    if seg.skipped:
+        print(f"{target} exists: skipped (use --overwrite)")
+        return 0
+    r = seg.report.iloc[0]
+    ram = r.get("peak_rss_mib") or r.get("maxrss_mib") or 0
+    print(f"{target}: {r['windows_evaluated']}/{r['windows_grid']} windows ({r['windows_nnunet_full']} in nnU-Net's "
+          f"full sliding window), {r['total_s']:.2f} s, peak RAM {ram:.0f} MiB")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     pr.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
                     help="predict at this spacing instead of the plans' (SimpleITK order)")
-    pr.add_argument("--centre-threshold", type=int, default=1,
+    pr.add_argument("--centre-threshold", type=int, default=DEFAULT_CENTRE_THRESHOLD,
                     help="neighbour windows run when the centre window has at least this many foreground voxels")
-    pr.add_argument("--inplane-step", type=float, default=0.5,
+    pr.add_argument("--inplane-step", type=float, default=DEFAULT_INPLANE_STEP,
                     help="efficient mode: spacing of the 3x3 in-plane grid in patches (0.5: the paper's 50%% "
                          "overlap; 0.33: each voxel nearer a window centre, same window count)")
     pr.add_argument("--checkpoint", default="checkpoint_final.pth")
