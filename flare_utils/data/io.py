@@ -268,6 +268,21 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent, default=json_default))
 
 
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; FlareInputError naming the file otherwise (`what`: what
+    the file is, for the messages)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlareInputError(path, f"{what} not found")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise FlareInputError(path, f"not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise FlareInputError(path, f"a {what} must be a JSON object")
+    return data
+
+
 def remove_stale_temporaries(folder: str | Path) -> int:
     """Delete the temporary files interrupted atomic writes left in `folder` (`.<name>.<hex>.tmp...`);
     returns how many. A missing folder has none."""

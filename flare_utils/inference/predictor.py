@@ -5,7 +5,8 @@ parts around it (preprocessing, the sliding window, the way back to the original
 runs in a fraction of nnU-Net's time and memory with the same model. The pieces live beside it:
 `resample` (body crop, normalisation, torch resampling), `sliding_window` (the window grids and
 loop), `images` (reading), `case_report` (what a case cost), `onednn` (fast CPU convolutions),
-and `folder` (a whole folder with background I/O); `flare_utils.api.segment` (and `flare-study predict`) is the one-call entry.
+and `folder` (a whole folder with background I/O); `flare_utils.api.segment` (and `flare-study
+predict`) is the one-call entry.
 
 Axis conventions. Files are read with nibabel, voxel order (i, j, k). nnU-Net's readers for NIfTI
 (SimpleITKIO, NibabelIO) give (k, j, i); the plans' `transpose_forward` then permutes that. The

@@ -139,9 +139,7 @@ def _write_report(run: RunLayout, infos: list[R.RoundInfo], truth: Path | None, 
         })
         summary.index = [f"round {k} vs {k - 1}" for k in summary.index]
         table("agreement_summary", summary)
-        per_organ = agree.groupby("round")[list(organs)].mean().T.rename(index=organs)
-        per_organ.columns = [f"round {k} vs {k - 1}" for k in per_organ.columns]
-        table("agreement_dsc_per_organ", per_organ)
+        table("agreement_dsc_per_organ", _organ_means(agree, organs, lambda k: f"round {k} vs {k - 1}"))
         figure("agreement_changed", figures.changed_voxels_figure(agree))
 
     vol = R.round_volumes(run.root, ks)
@@ -159,11 +157,16 @@ def _write_report(run: RunLayout, infos: list[R.RoundInfo], truth: Path | None, 
             per_round = quality.groupby("round")["mean_dsc"].agg(["mean", "std", "count"])
             per_round.index = [f"round {k}" for k in per_round.index]
             table("quality_per_round", per_round)
-            po = quality.groupby("round")[list(organs)].mean().T.rename(index=organs)
-            po.columns = [f"round {k}" for k in po.columns]
-            table("quality_dsc_per_organ", po)
+            table("quality_dsc_per_organ", _organ_means(quality, organs, lambda k: f"round {k}"))
             figure("quality_per_round", report.quality_per_round_figure(quality))
     return res
+
+
+def _organ_means(per_case: pd.DataFrame, organs: Mapping[str, str], column_name) -> pd.DataFrame:
+    """Mean of each organ's column per round: organs (by title) as rows, rounds as columns."""
+    table = per_case.groupby("round")[list(organs)].mean().T.rename(index=organs)
+    table.columns = [column_name(k) for k in table.columns]
+    return table
 
 
 def load_pseudo_label_result(run_dir: str | Path) -> PseudoLabelResult:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flare_utils.data.io import atomic_write_text
+from flare_utils.data.io import atomic_write_text, read_json_object
 from flare_utils.errors import FlareInputError
 
 __all__ = ["SELECTION_FORMAT", "PseudoSelection", "read_selection_file", "unlabelled_selection", "write_selection_file"]
@@ -115,14 +115,7 @@ def read_selection_file(path: str | Path, *, check_files: bool = True, require_l
     labelled_cases: the dataset's labelled ids; a selected id among them is an error.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FlareInputError(path, "selection file not found")
-    try:
-        d = json.loads(path.read_text())
-    except ValueError as e:
-        raise FlareInputError(path, f"not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise FlareInputError(path, "a selection file must be a JSON object")
+    d = read_json_object(path, "selection file")
     unknown_keys = sorted(set(d) - _SELECTION_KEYS)
     if unknown_keys:
         raise FlareInputError(path, f"unknown key(s) {unknown_keys}; allowed: {sorted(_SELECTION_KEYS)}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from flare_utils.data.io import atomic_write_text
+from flare_utils.data.io import atomic_write_text, read_json_object
 from flare_utils.errors import FlareInputError
 from flare_utils.utilities.typed import coerce
 
@@ -120,16 +120,7 @@ class TrainingConfig:
 
     @classmethod
     def from_json(cls, path: str | Path):
-        path = Path(path)
-        if not path.is_file():
-            raise FlareInputError(path, f"training configuration file not found (named by {ENV_VAR})")
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as e:
-            raise FlareInputError(path, f"not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise FlareInputError(path, "a training configuration must be a JSON object")
-        return cls.from_dict(data, path)
+        return cls.from_dict(read_json_object(path, f"training configuration (named by {ENV_VAR})"), Path(path))
 
     @classmethod
     def from_env(cls):
