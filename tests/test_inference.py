@@ -262,6 +262,27 @@ def test_predict_folder_reports_and_resume(predictor, tiny_cases, tmp_path):
     assert not df3["skipped_existing"].any()
 
 
+def test_resume_keeps_only_outputs_this_model_made_from_these_inputs(predictor, tiny_model, tiny_cases, tmp_path):
+    """Outputs of another model (or of other settings), truncated outputs and outputs of a changed
+    input are not "already done": they are predicted again."""
+    src, out = tmp_path / "in", tmp_path / "pred"
+    shutil.copytree(tiny_cases / "images", src)
+    predictor.predict_folder(src, out)                                  # fold 0
+    other = EfficientPredictor.from_results_folder(tiny_model, folds=(1,), device="cpu")
+    assert other.producer_key() != predictor.producer_key()
+    df = other.predict_folder(src, out)                                 # fold 1 into the same folder
+    assert not df["skipped_existing"].any()
+    full = EfficientPredictor.from_results_folder(tiny_model, folds=(1,), device="cpu", mode="full")
+    assert full.producer_key() != other.producer_key()                   # settings count too
+    assert other.predict_folder(src, out)["skipped_existing"].all()      # unchanged: all kept
+    with open(out / "case1.nii.gz", "r+b") as f:                         # a truncated output
+        f.truncate(100)
+    os.utime(src / "case2_0000.nii.gz", ns=(0, 10**9))                   # a changed input
+    df = other.predict_folder(src, out).set_index("case_id")
+    assert bool(df.at["case0", "skipped_existing"]) and not df.loc[["case1", "case2"], "skipped_existing"].any()
+    assert nib.load(str(out / "case1.nii.gz")).get_fdata().shape == nib.load(str(src / "case1_0000.nii.gz")).shape
+
+
 def _cli(*args, **kw):
     env = dict(os.environ, PYTHONPATH=str(PROJECT), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "flare_utils", *map(str, args)], cwd=PROJECT, env=env,

@@ -244,12 +244,12 @@ def test_run_rounds_retrains_on_all_previous_pseudo_labels(tmp_path, unlabelled,
     # everything complete: a rerun trains and predicts nothing
     log.clear()
     trained.clear()
-    again = pseudo.run_rounds(run, 957, teacher, unlabelled, rounds=3, predictor_factory=_factory(log),
-                              train_fn=fake_train, progress=None)
+    again = pseudo.run_rounds(run, 957, teacher, unlabelled, rounds=3, training_config={"num_epochs": 2},
+                              predictor_factory=_factory(log), train_fn=fake_train, progress=None)
     assert log == [] and trained == [] and all(i.skipped for i in again)
     # a fourth round continues from round 3
-    pseudo.run_rounds(run, 957, teacher, unlabelled, rounds=4, predictor_factory=_factory(log),  # no budget
-                      train_fn=fake_train, progress=None)
+    pseudo.run_rounds(run, 957, teacher, unlabelled, rounds=4, training_config={"num_epochs": 2},
+                      predictor_factory=_factory(log), train_fn=fake_train, progress=None)
     assert len(log) == 8 and [t[4] for t in trained] == ["round_03"]
     # notebook tables
     agree = pseudo.round_agreement(run)
@@ -258,6 +258,41 @@ def test_run_rounds_retrains_on_all_previous_pseudo_labels(tmp_path, unlabelled,
     vols = pseudo.round_volumes(run)
     assert sorted(vols["round"].unique()) == [1, 2, 3, 4] and len(vols) == 4 * 8 * 13
     assert list(pseudo.round_table(run).index) == [1, 2, 3, 4]
+
+
+def test_rounds_are_redone_when_what_made_them_changed(tmp_path, unlabelled, teacher):
+    """A retrained teacher (same folder, new weights) makes every round stale; a changed retraining
+    budget makes the retrained rounds stale; nothing else is redone."""
+    run = tmp_path / "run"
+    trained: list[str] = []
+
+    def fake_train(dataset_id, plans_identifier, fold, trainer, config, run_dir):
+        trained.append(Path(config["selection_file"]).parent.name)
+        out = Path(run_dir) / "nnUNet_results" / f"{trainer}__{plans_identifier}__3d_fullres"
+        (out / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
+        (out / f"fold_{fold}" / "checkpoint_final.pth").write_bytes(str(config).encode())
+        return out
+
+    def rounds(**config):
+        log: list[str] = []
+        infos = pseudo.run_rounds(run, 957, teacher, unlabelled, rounds=3, training_config=config or None,
+                                  predictor_factory=_factory(log), train_fn=fake_train, progress=None)
+        return infos, log
+
+    rounds(num_epochs=2)
+    trained.clear()
+    infos, log = rounds(num_epochs=2)                     # unchanged: nothing redone
+    assert log == [] and trained == [] and all(i.skipped for i in infos)
+    infos, log = rounds(num_epochs=3)                     # another retraining budget: rounds 2-3 again
+    assert trained == ["round_02", "round_03"] and len(log) == 16
+    assert infos[0].skipped and not infos[1].skipped and not infos[2].skipped
+    trained.clear()
+    (teacher / "fold_0" / "checkpoint_final.pth").write_bytes(b"retrained")   # the teacher trained again
+    infos, log = rounds(num_epochs=3)
+    assert len(log) == 24 and trained == ["round_02", "round_03"] and not any(i.skipped for i in infos)
+    request = json.loads((pseudo.round_dir(run, 1) / "request.json").read_text())
+    from flare_utils.inference.folds import model_identity
+    assert request["model_key"] == model_identity(teacher, [0, 1])
 
 
 def test_input_errors(tmp_path, unlabelled, teacher):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -71,6 +72,16 @@ class CaseReport:
     windows: list = field(default_factory=list)   # WindowRecord dicts (for pictures)
     skipped_existing: bool = False
     error: str | None = None
+    producer: str = ""                 # the predictor's key (model content + settings) that wrote the output
+    input_stat: list | None = None     # [size, mtime_ns] of the input image when it was predicted
+    output_bytes: int | None = None    # size of the written label file
+
+    def made(self, producer: str, image: str | Path, output: str | Path) -> bool:
+        """Whether this report's output is the one `producer` would make of `image` now: same key,
+        same input file (size and time), and the complete output file it wrote."""
+        out, img = Path(output), Path(image)
+        return (self.error is None and self.producer == producer and out.is_file() and img.is_file()
+                and self.output_bytes == out.stat().st_size and self.input_stat == file_stat(img))
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=json_default))
@@ -83,7 +94,7 @@ class CaseReport:
             if k in eff:
                 d[f"monitor_{k}"] = eff[k]
         for k in ("original_shape", "original_spacing", "crop_box", "network_shape", "padded_shape",
-                  "network_spacing", "patch_size", "folds"):
+                  "network_spacing", "patch_size", "folds", "input_stat"):
             d[k] = json.dumps(d[k])
         return d
 
@@ -99,6 +110,12 @@ class CaseReport:
             self.efficiency = res.to_dict()
             self.peak_rss_mib = float(res.peak_rss_mib)
         self.maxrss_mib = peak_rss_mib()
+
+
+def file_stat(path: str | Path) -> list[int]:
+    """[size, mtime_ns] of a file: what tells an input that changed since its output was made."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 @contextlib.contextmanager

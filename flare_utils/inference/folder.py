@@ -28,7 +28,18 @@ if TYPE_CHECKING:
 
     from flare_utils.inference.predictor import EfficientPredictor
 
-__all__ = ["predict_folder"]
+__all__ = ["predict_folder", "done_report"]
+
+
+def done_report(report: Path, producer: str, image: Path, output: Path) -> CaseReport | None:
+    """The case's report when its output is complete and was made by `producer` from this very input."""
+    if not output.is_file() or not report.is_file():
+        return None
+    try:
+        rep = CaseReport.from_dict(json.loads(report.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return rep if rep.made(producer, image, output) else None
 
 
 def predict_folder(predictor: "EfficientPredictor", in_dir: str | Path, out_dir: str | Path, *,
@@ -56,16 +67,14 @@ def predict_folder(predictor: "EfficientPredictor", in_dir: str | Path, out_dir:
     remove_stale_temporaries(out_dir)
     remove_stale_temporaries(eff_dir)
     jobs = [(f, cid, out_dir / f"{cid}.nii.gz") for f, cid in zip(files, ids)]
-    todo = [j for j in jobs if overwrite or not j[2].exists()]
+    producer = predictor.producer_key()
     reports: dict[str, CaseReport] = {}
-    for f, cid, out in jobs:
-        if (f, cid, out) in todo:
-            continue
-        js = eff_dir / f"{cid}.json"
-        rep = CaseReport.from_dict(json.loads(js.read_text())) if js.is_file() else CaseReport(cid, str(f))
-        rep.skipped_existing = True
-        rep.output = str(out)
-        reports[cid] = rep
+    for f, cid, out in jobs:         # resume: a case is done when this model and these settings made its file
+        rep = None if overwrite else done_report(eff_dir / f"{cid}.json", producer, f, out)
+        if rep is not None:
+            rep.skipped_existing = True
+            reports[cid] = rep
+    todo = [j for j in jobs if j[1] not in reports]
 
     t_run = time.perf_counter()
     errors: list[tuple[str, BaseException]] = []

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import io
 import itertools
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -43,10 +44,10 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from flare_utils.data.io import (atomic_write_json, case_id_from_path, save_nifti, save_nifti_like,
                                  save_nifti_planes_like)
 from flare_utils.errors import FlareInputError
-from flare_utils.inference.case_report import EFFICIENCY_DIR, CaseReport, resource_monitor
+from flare_utils.inference.case_report import EFFICIENCY_DIR, CaseReport, file_stat, resource_monitor
 from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP, MODES
 from flare_utils.inference.folder import predict_folder
-from flare_utils.inference.folds import available_folds, normalise_folds
+from flare_utils.inference.folds import available_folds, model_identity, normalise_folds
 from flare_utils.inference.images import StoredImage, long_axis_of_affine, read_image
 from flare_utils.inference.onednn import use_onednn_convolutions
 from flare_utils.inference.resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape,
@@ -164,6 +165,7 @@ class EfficientPredictor(nnUNetPredictor):
         self.networks: list[torch.nn.Module] = []
         self.folds: tuple = ()
         self.model_dir: Path | None = None
+        self.model_key = ""
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -222,6 +224,7 @@ class EfficientPredictor(nnUNetPredictor):
                 use_onednn_convolutions(net)
         self.folds = tuple(use_folds)
         self.model_dir = model_dir
+        self.model_key = model_identity(model_dir, use_folds, checkpoint_name)
 
     def _load_without_trainer_lookup(self, model_dir: Path, folds, checkpoint_name: str) -> None:
         """Like nnU-Net's loader, but the trainer class comes from flare_utils.training (without
@@ -481,6 +484,19 @@ class EfficientPredictor(nnUNetPredictor):
             self._write(label, pre, output)
             rep.time_write_s = time.perf_counter() - t0
         rep.output = str(output)
+        rep.producer, rep.output_bytes = self.producer_key(), output.stat().st_size
+        if rep.input and Path(rep.input).is_file():
+            rep.input_stat = file_stat(rep.input)
+
+    def producer_key(self) -> str:
+        """A key of everything that decides this predictor's labels: the model's content (folds,
+        checkpoints, plans) and the settings. An output made under another key is not reused."""
+        self._require_model()
+        settings = {"model": self.model_key, "mode": self.mode, "tta": self.tta, "step": self.tile_step_size,
+                    "centre_threshold": self.centre_threshold, "inplane_step": self.inplane_step,
+                    "spacing": self.enforced_spacing, "crop": self.crop, "body_hu": self.body_threshold_hu,
+                    "fp16": self.fp16 and self.device.type == "cuda"}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def _label_dtype(self):
         return np.uint8 if self.num_classes <= 255 else np.int16

@@ -28,7 +28,7 @@ from flare_utils.utilities.progress import report as report_progress
 from flare_utils.errors import FlareInputError
 from flare_utils.data.io import (atomic_write_json, atomic_write_text, case_id_from_path, json_default, list_nifti,
                                  read_label_map, remove_stale_temporaries)
-from flare_utils.inference.folds import available_folds, normalise_folds
+from flare_utils.inference.folds import available_folds, model_identity, normalise_folds
 from flare_utils.data.labels import LABELS
 from flare_utils.layout import RunLayout
 from flare_utils.utilities.memory import current_rss_mib, peak_rss_mib
@@ -267,8 +267,9 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
         folds_l = available_folds(model_dir)
         if not folds_l:
             raise FlareInputError(model_dir, "no fold_N/checkpoint_final.pth in the model folder")
-    request = {"round": int(k), "model": str(model_dir), "folds": [str(f) for f in folds_l], "tta": bool(tta),
-               "mode": "full", "unlabelled_dir": str(Path(unlabelled_dir).resolve())}
+    request = {"round": int(k), "model": str(model_dir), "model_key": model_identity(model_dir, folds_l),
+               "folds": [str(f) for f in folds_l], "tta": bool(tta), "mode": "full",
+               "unlabelled_dir": str(Path(unlabelled_dir).resolve())}
 
     done = read_round(run_dir, k)
     if done is not None and sorted(done.cases) == sorted(ids) and \
@@ -336,12 +337,20 @@ def _voxel_ml(image: Path) -> float:
     return float(np.prod([float(z) for z in zooms])) / 1000.0
 
 
-def _check_request(folder: Path, request: Mapping[str, Any]) -> None:
+def _request_changes(folder: Path, request: Mapping[str, Any]) -> list[str]:
+    """What differs between the round folder's request and `request`: the model (its content when
+    both record it, else its folder), folds, tta, mode."""
     old = _read_json(folder / REQUEST_FILE)
     if not old:
-        return
-    diff = [k for k in ("model", "folds", "tta", "mode") if old.get(k) != request.get(k)]
+        return []
+    model = "model_key" if old.get("model_key") and request.get("model_key") else "model"
+    return [k for k in (model, "folds", "tta", "mode") if old.get(k) != request.get(k)]
+
+
+def _check_request(folder: Path, request: Mapping[str, Any]) -> None:
+    diff = _request_changes(folder, request)
     if diff:
+        old = _read_json(folder / REQUEST_FILE)
         raise FlareInputError(folder, f"this round was started with another {', '.join(diff)} "
                                       f"({ {k: old.get(k) for k in diff} } vs { {k: request.get(k) for k in diff} }); "
                                       f"rounds are never overwritten: use another run_dir or delete the folder")
@@ -395,7 +404,8 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
     folder = round_dir(run_dir, k)
     model_dir = folder / MODEL_DIR
     marker = _read_json(model_dir / MODEL_MARKER)
-    if marker is not None:
+    request = _retrain_request(plans_identifier, training_config, trainer, folds, seed)
+    if marker is not None and marker.get("request", request) == request:
         say(f"round {k}: model already trained ({model_dir}), reused")
         return model_dir, marker
     folder.mkdir(parents=True, exist_ok=True)
@@ -422,12 +432,33 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
         say(f"round {k}: training {trainer} fold {f} on labelled + {len(prev.cases)} pseudo-labelled cases")
         results = Path(fn(dataset_id, plans_identifier, f, trainer, cfg, run_dir))
     train_s = time.perf_counter() - t0
-    record = {"trainer": trainer, "plans": plans_identifier, "dataset": str(dataset_id),
+    record = {"request": request, "trainer": trainer, "plans": plans_identifier, "dataset": str(dataset_id),
               "folds": [str(f) for f in folds_l], "selection_file": str(selection), "n_pseudo": len(prev.cases),
               "pseudo_labels_of_round": int(k - 1), "results_folder": str(results), "train_s": round(train_s, 2),
               "config": cfg, "created": _now()}
     snapshot_model(results, model_dir, folds_l, marker=(MODEL_MARKER, record))
     return model_dir, record
+
+
+def _retrain_request(plans_identifier: str, training_config, trainer: str, folds, seed) -> dict[str, Any]:
+    """What a round's retrained model depends on besides the previous round's labels."""
+    cfg = training_config.to_dict() if hasattr(training_config, "to_dict") else dict(training_config or {})
+    return json.loads(json.dumps({"plans": plans_identifier, "trainer": trainer, "seed": seed,
+                                  "folds": [str(f) for f in normalise_folds(folds) or ("all",)],
+                                  "config": {k: v for k, v in sorted(cfg.items()) if k != "selection_file"}},
+                                 default=str))
+
+
+def _discard_rounds(run_dir: str | Path, first: int, why: str, say: Callable[[str], None]) -> None:
+    """Delete the round folders from `first` on: derived outputs that no longer match what made them."""
+    import shutil
+    gone = [d for d in sorted(RunLayout(run_dir).pseudo_labels.glob("round_*"))
+            if d.is_dir() and d.name[len("round_"):].isdigit() and int(d.name[len("round_"):]) >= first]
+    for d in gone:
+        shutil.rmtree(d)
+    if gone:
+        say(f"rounds {', '.join(d.name[len('round_'):] for d in gone)} made anew: {why}")
+        _write_summary(run_dir)
 
 
 def _teacher_plans_identifier(teacher_results: Path) -> str:
@@ -451,14 +482,29 @@ def run_rounds(run_dir: str | Path, dataset_id: int | str, teacher_results: str 
     Returns the RoundInfo of every round, in order."""
     if int(rounds) < 1:
         raise FlareInputError(None, f"rounds must be >= 1, got {rounds}")
+    say = progress or (lambda s: None)
     teacher_results = Path(teacher_results)
     case_list = list(unlabelled_images(unlabelled_dir, cases))
+    first = round_dir(run_dir, 1)
+    if first.is_dir():               # the teacher (or its folds / tta) changed: every round is stale
+        folds_now = list(normalise_folds(folds) or available_folds(teacher_results))
+        changed = _request_changes(first, {"model": str(teacher_results.resolve()),
+                                           "model_key": model_identity(teacher_results, folds_now),
+                                           "folds": [str(f) for f in folds_now], "tta": bool(tta), "mode": "full"})
+        if changed:
+            _discard_rounds(run_dir, 1, f"the teacher's {', '.join(changed)} changed", say)
     infos = [predict_round(run_dir, 1, teacher_results, unlabelled_dir, folds=folds, tta=tta, device=device,
                            cases=case_list, predictor_factory=predictor_factory,
                            training={"teacher": str(teacher_results)}, progress=progress)]
     if int(rounds) >= 2:
         plans = plans or _teacher_plans_identifier(teacher_results)
     for k in range(2, int(rounds) + 1):
+        marker = _read_json(round_dir(run_dir, k) / MODEL_DIR / MODEL_MARKER) or {}
+        if round_dir(run_dir, k).is_dir() and not infos[-1].skipped:
+            _discard_rounds(run_dir, k, f"round {k - 1} was made anew", say)
+        elif marker.get("request", None) not in (None, _retrain_request(plans, training_config, trainer,
+                                                                        retrain_folds, seed)):
+            _discard_rounds(run_dir, k, "the retraining settings changed", say)
         done = read_round(run_dir, k)
         if done is not None and sorted(done.cases) == sorted(case_list):
             infos.append(predict_round(run_dir, k, done.model, unlabelled_dir, folds=done.folds, tta=done.tta,
