@@ -116,6 +116,18 @@ class RunLayout:
         """`path` relative to the run folder, with forward slashes (links in the run's reports)."""
         return Path(path).resolve().relative_to(self.root).as_posix()
 
+    def stored(self, path: str | Path) -> str:
+        """How a run's files record a path: relative to the run when inside it (a copied or moved run
+        folder keeps working), else absolute."""
+        try:
+            return self.relative(path)
+        except ValueError:
+            return str(Path(path).resolve())
+
+    def resolve(self, stored: str | Path) -> Path:
+        """The path a run's file recorded (`stored`), as it is now."""
+        return self.root / stored
+
     # pointing nnU-Net at the run
     def nnunet_environment(self) -> dict[str, str]:
         """The nnUNet_* variables for this run (for a child process's environment)."""

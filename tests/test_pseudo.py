@@ -295,6 +295,34 @@ def test_rounds_are_redone_when_what_made_them_changed(tmp_path, unlabelled, tea
     assert request["model_key"] == model_identity(teacher, [0, 1])
 
 
+def test_a_moved_run_keeps_its_rounds(tmp_path, teacher):
+    """Paths inside the run are recorded relative to it: a copied or moved run folder resumes with
+    nothing redone and its selection files still point at its own labels."""
+    from flare_utils.semisup.selection_file import read_selection_file
+    run = tmp_path / "run"
+    images = _images(run / "nnUNet_raw" / "imagesUnlabelled", 4)
+
+    def fake_train(dataset_id, plans_identifier, fold, trainer, config, run_dir):
+        out = Path(run_dir) / "nnUNet_results" / f"{trainer}__{plans_identifier}__3d_fullres"
+        (out / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
+        (out / f"fold_{fold}" / "checkpoint_final.pth").write_bytes(b"w")
+        return out
+
+    pseudo.run_rounds(run, 957, teacher, images, rounds=2, predictor_factory=_factory([]), train_fn=fake_train,
+                      progress=None)
+    moved = tmp_path / "moved" / "run"
+    moved.parent.mkdir()
+    run.rename(moved)
+    log: list[str] = []
+    infos = pseudo.run_rounds(moved, 957, teacher, moved / "nnUNet_raw" / "imagesUnlabelled", rounds=2,
+                              predictor_factory=_factory(log), train_fn=fake_train, progress=None)
+    assert log == [] and all(i.skipped for i in infos)
+    assert pseudo.read_round(moved, 2).model == str((moved / "pseudo_labels" / "round_02" / "model").resolve())
+    sel = read_selection_file(moved / "pseudo_labels" / "round_02" / "training_selection.json")
+    assert sel.labels_folder == (moved / "pseudo_labels" / "round_01").resolve()
+    assert sel.images_folder == (moved / "nnUNet_raw" / "imagesUnlabelled").resolve()
+
+
 def test_input_errors(tmp_path, unlabelled, teacher):
     with pytest.raises(FlareInputError, match="rounds must be >= 1"):
         pseudo.run_rounds(tmp_path / "r", 1, teacher, unlabelled, rounds=0, progress=None)

@@ -52,3 +52,17 @@ def test_register_orders_canonically_and_checks_folds(tmp_path):
     assert list(select_models(run, ["teacher"])) == ["teacher"]
     with pytest.raises(FlareInputError, match="unknown model"):
         select_models(run, ["student_all"])
+
+
+def test_models_inside_the_run_are_stored_relative_so_a_moved_run_keeps_them(tmp_path):
+    run = tmp_path / "run"
+    res = _results(run)
+    register_model(run, "teacher", res, folds=["0"], title="T", role="teacher", training_data="x")
+    stored = json.loads((run / "models.json").read_text())
+    assert stored["teacher"]["path"] == "nnUNet_results/Dataset001_X/Trainer__Plans__3d_fullres"
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    run.rename(moved)
+    m = read_models(moved)["teacher"]
+    assert m["path"] == str(moved.resolve() / "nnUNet_results/Dataset001_X/Trainer__Plans__3d_fullres")
+    assert (moved / m["path"] / "fold_0" / "checkpoint_final.pth").is_file()

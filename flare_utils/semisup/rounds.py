@@ -162,6 +162,7 @@ def read_round(run_dir: str | Path, k: int) -> RoundInfo | None:
         return None
     info = RoundInfo.from_dict(d)
     info.folder = round_dir(run_dir, k)
+    info.model = str(RunLayout(run_dir).resolve(info.model))
     return info
 
 
@@ -170,7 +171,8 @@ def round_request(run_dir: str | Path, k: int) -> dict[str, Any]:
     d = _read_json(round_dir(run_dir, k) / REQUEST_FILE)
     if d is None:
         raise FlareInputError(round_dir(run_dir, k), f"round {k} has not been started (no {REQUEST_FILE})")
-    return d
+    run = RunLayout(run_dir)
+    return {**d, **{key: str(run.resolve(d[key])) for key in ("model", "unlabelled_dir") if d.get(key)}}
 
 
 def completed_rounds(run_dir: str | Path) -> list[int]:
@@ -267,9 +269,10 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
         folds_l = available_folds(model_dir)
         if not folds_l:
             raise FlareInputError(model_dir, "no fold_N/checkpoint_final.pth in the model folder")
-    request = {"round": int(k), "model": str(model_dir), "model_key": model_identity(model_dir, folds_l),
+    run = RunLayout(run_dir)          # paths inside the run are recorded relative to it (a moved run keeps them)
+    request = {"round": int(k), "model": run.stored(model_dir), "model_key": model_identity(model_dir, folds_l),
                "folds": [str(f) for f in folds_l], "tta": bool(tta), "mode": "full",
-               "unlabelled_dir": str(Path(unlabelled_dir).resolve())}
+               "unlabelled_dir": run.stored(unlabelled_dir)}
 
     done = read_round(run_dir, k)
     if done is not None and sorted(done.cases) == sorted(ids) and \
@@ -326,7 +329,8 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
                      tta=bool(tta), cases=ids, n_cases=len(ids), n_predicted=len(todo), n_reused=n_reused,
                      predict_s=round(predict_s, 3), training=dict(training) if training else None,
                      memory=memory_summary(session), device=device_used, created=_now())
-    atomic_write_json(folder / MANIFEST_FILE, info.to_dict())
+    atomic_write_json(folder / MANIFEST_FILE, {**info.to_dict(), "folder": run.stored(folder),
+                                               "model": run.stored(model_dir)})
     _write_summary(run_dir)
     return info
 
@@ -357,9 +361,11 @@ def _check_request(folder: Path, request: Mapping[str, Any]) -> None:
 
 
 def _write_summary(run_dir: str | Path) -> None:
+    run = RunLayout(run_dir)
     rounds = [read_round(run_dir, k) for k in completed_rounds(run_dir)]
-    atomic_write_json(RunLayout(run_dir).pseudo_labels / SUMMARY_FILE,
-                      {"rounds": [{k: v for k, v in r.to_dict().items() if k != "cases"} for r in rounds if r]})
+    atomic_write_json(run.pseudo_labels / SUMMARY_FILE, {"rounds": [
+        {**{k: v for k, v in r.to_dict().items() if k != "cases"}, "folder": run.stored(r.folder),
+         "model": run.stored(r.model)} for r in rounds if r]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,7 +418,8 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
     from flare_utils.semisup.selection import write_trainer_selection
     selection = write_trainer_selection(folder / SELECTION_FILE, prev.cases, prev.folder, unlabelled_dir,
                                         {"source": "flare_utils.semisup.rounds", "round": int(k),
-                                         "pseudo_labels_of_round": int(k - 1), "rule": "all cases"})
+                                         "pseudo_labels_of_round": int(k - 1), "rule": "all cases"},
+                                        within=RunLayout(run_dir).root)
     if training_config is None:
         cfg: dict[str, Any] = {}
     elif hasattr(training_config, "to_dict"):
@@ -488,7 +495,7 @@ def run_rounds(run_dir: str | Path, dataset_id: int | str, teacher_results: str 
     first = round_dir(run_dir, 1)
     if first.is_dir():               # the teacher (or its folds / tta) changed: every round is stale
         folds_now = list(normalise_folds(folds) or available_folds(teacher_results))
-        changed = _request_changes(first, {"model": str(teacher_results.resolve()),
+        changed = _request_changes(first, {"model": RunLayout(run_dir).stored(teacher_results),
                                            "model_key": model_identity(teacher_results, folds_now),
                                            "folds": [str(f) for f in folds_now], "tta": bool(tta), "mode": "full"})
         if changed:

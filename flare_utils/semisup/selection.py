@@ -234,11 +234,14 @@ def select_cases(scores: pd.DataFrame | pd.Series | Mapping[str, float], thresho
 
 
 def write_trainer_selection(path: str | Path, cases: Sequence[str], labels_folder: str | Path,
-                            images_folder: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
+                            images_folder: str | Path, meta: Mapping[str, Any] | None = None,
+                            within: str | Path | None = None) -> Path:
     """Write the selection file that the pseudo-label trainers read - the ONE place that knows its
-    format (`flare_utils.semisup.selection_file.write_selection_file`, which validates every file)."""
+    format (`flare_utils.semisup.selection_file.write_selection_file`, which validates every file).
+    `within`: the run folder (folders inside it are stored relative to the file)."""
     from flare_utils.semisup.selection_file import write_selection_file
-    return write_selection_file(path, list(cases), labels_folder, images_folder, meta=dict(meta or {}))
+    return write_selection_file(path, list(cases), labels_folder, images_folder, meta=dict(meta or {}),
+                                within=within)
 
 
 @dataclass
@@ -283,7 +286,7 @@ def select_pseudo_labels(round_dirs: Sequence[str | Path], images_folder: str | 
                          threshold: float | None = DEFAULT_THRESHOLD, fraction: float | None = None,
                          labels_round: int = -1, exclude_empty: bool = False, cases: Iterable[str] | None = None,
                          processes: int = 1, meta: Mapping[str, Any] | None = None,
-                         allow_empty_selection: bool = False) -> SelectionResult:
+                         allow_empty_selection: bool = False, within: str | Path | None = None) -> SelectionResult:
     """Score every case over the rounds (equation (1)), select, write the scores CSV, the trainer's
     selection file and a summary (see module docstring), all atomically.
 
@@ -322,12 +325,12 @@ def select_pseudo_labels(round_dirs: Sequence[str | Path], images_folder: str | 
         m = {"source": "flare_utils.semisup.selection", "equation": "u = 1/(K-1) sum_i SUM(y_i != y_i-1) / SUM(y_i > 0)",
              "rounds": [str(d) for d in dirs], "labels_round": str(labels_folder), **rule,
              "scores": {c: _json_safe(float(sel.at[c, "u"])) for c in selected}, **dict(meta or {})}
-        write_trainer_selection(selection_path, selected, labels_folder, images_folder, m)
+        write_trainer_selection(selection_path, selected, labels_folder, images_folder, m, within=within)
     all_path: Path | None = out_dir / ALL_CASES_FILE
     if len(sel):
         write_trainer_selection(all_path, [str(c) for c in sel.index], labels_folder, images_folder,
                                 {"source": "flare_utils.semisup.selection", "rule": "all", "rounds": [str(d) for d in dirs],
-                                 "labels_round": str(labels_folder), **dict(meta or {})})
+                                 "labels_round": str(labels_folder), **dict(meta or {})}, within=within)
     else:
         all_path = None
     result = SelectionResult(sel, selected, rejected, rule, scores_csv, selection_path, out_dir / SUMMARY_FILE,

@@ -11,6 +11,7 @@ Details: docs/reference/selection.md
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,17 +94,25 @@ def _check_case_list(cases, where) -> tuple[str, ...]:
 
 def write_selection_file(path: str | Path, cases: Iterable[str], labels_folder: str | Path | None,
                          images_folder: str | Path, *, file_ending: str = ".nii.gz", num_channels: int = 1,
-                         meta: Mapping[str, Any] | None = None, check: bool = True) -> Path:
-    """Write a selection file (format in the module docstring); folders are stored as absolute
-    paths. With `check` every image and label file must exist (FlareInputError otherwise).
-    Written atomically."""
+                         meta: Mapping[str, Any] | None = None, check: bool = True,
+                         within: str | Path | None = None) -> Path:
+    """Write a selection file (format in the module docstring). Folders are stored as absolute
+    paths, or, when they lie inside `within` (e.g. the run folder that also holds the file),
+    relative to the file's folder, so that the whole folder can be moved. With `check` every image
+    and label file must exist (FlareInputError otherwise). Written atomically."""
     path = Path(path)
     sel = PseudoSelection(_check_case_list(list(cases), path), Path(images_folder).resolve(),
                           None if labels_folder is None else Path(labels_folder).resolve(),
                           file_ending, int(num_channels), dict(meta or {}), path)
     if check:
         sel.check_files(require_labels=labels_folder is not None)
-    return atomic_write_text(path, json.dumps(sel.to_dict(), indent=2, default=str))
+    d = sel.to_dict()
+    if within is not None:
+        root = Path(within).resolve()
+        for key in ("images_folder", "labels_folder"):
+            if d[key] and Path(d[key]).is_relative_to(root) and path.resolve().is_relative_to(root):
+                d[key] = os.path.relpath(d[key], path.resolve().parent)
+    return atomic_write_text(path, json.dumps(d, indent=2, default=str))
 
 
 def read_selection_file(path: str | Path, *, check_files: bool = True, require_labels: bool = True,

@@ -10,6 +10,7 @@ evaluation and the index report read it.
 
 Canonical names (the comparison of the FLARE22 winner's Table 5):
 teacher, teacher_pseudo, student_labelled_only, student_selected, student_all.
+Folders inside the run are stored relative to it, so a copied or moved run folder keeps its models.
 """
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ from typing import Any
 
 from flare_utils.errors import FlareInputError
 from flare_utils.data.io import atomic_directory, atomic_write_text
+from flare_utils.layout import RunLayout
 
-MODELS_FILE = "models.json"
-MODELS_DIR = "models"
 CANONICAL_ORDER = ("teacher", "teacher_pseudo", "student_labelled_only", "student_selected", "student_all")
 
 _MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
@@ -57,14 +57,17 @@ def snapshot_model(results: str | Path, dest: str | Path, folds: Iterable[int | 
 
 
 def read_models(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """name -> {path, folds, title, role, training_data, ...}, canonical names first."""
-    f = Path(run_dir) / MODELS_FILE
-    if not f.is_file():
+    """name -> {path (absolute), folds, title, role, training_data, ...}, canonical names first."""
+    run = RunLayout(run_dir)
+    if not run.models_file.is_file():
         return {}
     try:
-        models = json.loads(f.read_text())
+        models = json.loads(run.models_file.read_text())
     except json.JSONDecodeError as e:
-        raise FlareInputError(f, f"not valid JSON: {e}") from None
+        raise FlareInputError(run.models_file, f"not valid JSON: {e}") from None
+    for m in models.values():
+        if isinstance(m, dict) and m.get("path"):
+            m["path"] = str(run.resolve(m["path"]))
     order = {n: i for i, n in enumerate(CANONICAL_ORDER)}
     return dict(sorted(models.items(), key=lambda kv: order.get(kv[0], len(order))))
 
@@ -77,12 +80,15 @@ def register_model(run_dir: str | Path, name: str, path: str | Path, *, folds: I
     missing = [f for f in folds if not (path / f"fold_{f}" / "checkpoint_final.pth").is_file()]
     if missing:
         raise FlareInputError(path, f"no checkpoint_final.pth for fold(s) {missing}")
+    run = RunLayout(run_dir)
     entry = {"path": str(path), "folds": folds, "title": title, "role": role, "training_data": training_data,
              **extra}
-    models = read_models(run_dir)
-    models[name] = entry
-    atomic_write_text(Path(run_dir) / MODELS_FILE, json.dumps(models, indent=1, default=str))
+    models = {**read_models(run.root), name: entry}
+    stored = {n: ({**m, "path": run.stored(m["path"])} if isinstance(m, dict) and m.get("path") else m)
+              for n, m in models.items()}
+    atomic_write_text(run.models_file, json.dumps(stored, indent=1, default=str))
     return entry
+
 
 
 def select_models(run_dir: str | Path, names: Iterable[str] | str = "all") -> dict[str, dict[str, Any]]:
@@ -93,6 +99,6 @@ def select_models(run_dir: str | Path, names: Iterable[str] | str = "all") -> di
     names = list(names)
     unknown = [n for n in names if n not in models]
     if unknown:
-        raise FlareInputError(Path(run_dir) / MODELS_FILE,
+        raise FlareInputError(RunLayout(run_dir).models_file,
                               f"unknown model(s) {unknown}; this run has {sorted(models) or 'none'}")
     return {n: models[n] for n in names}
