@@ -52,6 +52,7 @@ def segment(input: str | Path, output: str | Path, model: str | Path, *, folds: 
     trained fold); `mode`: "efficient" (the FLARE22 winner's sliding window) or "full" (nnU-Net's).
     """
     from flare_utils.data.io import case_id_from_path
+    from flare_utils.inference.folder import done_report
     from flare_utils.inference.predictor import EfficientPredictor
 
     input, output = Path(input), Path(output)
@@ -73,12 +74,15 @@ def segment(input: str | Path, output: str | Path, model: str | Path, *, folds: 
         skipped = [r["case_id"] for _, r in df.iterrows() if bool(r.get("skipped_existing", False))]
         paths = {c: output / f"{c}.nii.gz" for c in df["case_id"] if c not in failed}
         return Segmentation(paths, df, failed=failed, skipped=skipped)
-    target = output if output.name.endswith(_NIFTI) else output / f"{case_id_from_path(input, channel_suffix=True)}.nii.gz"
+    input_case = case_id_from_path(input, channel_suffix=True)      # names the efficiency report
+    target = output if output.name.endswith(_NIFTI) else output / f"{input_case}.nii.gz"
     case = case_id_from_path(target)
-    if target.exists() and not overwrite:
-        return Segmentation({case: target}, pd.DataFrame([{"case_id": case, "skipped_existing": True}]),
-                            skipped=[case])
-    label, rep = p.predict_case(input, target, report_dir=target.parent / EFFICIENCY_DIR)
+    done = None if overwrite else done_report(target.parent / EFFICIENCY_DIR / f"{input_case}.json",
+                                               p.producer_key(), input, target)
+    if done is not None:             # this model, with these settings, already made it from this input
+        done.skipped_existing = True
+        return Segmentation({case: target}, pd.DataFrame([done.to_row()]), skipped=[case])
+    label, rep = p.predict_case(input, target, case_id=input_case, report_dir=target.parent / EFFICIENCY_DIR)
     return Segmentation({case: target}, pd.DataFrame([rep.to_row()]), label=label)
 
 

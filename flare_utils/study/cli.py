@@ -87,7 +87,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         return 1 if seg.failed else 0
     (case, target), = seg.paths.items()
     if seg.skipped:
-        print(f"{target} exists: skipped (use --overwrite)")
+        print(f"{target} exists, made by this model with these settings from this input: skipped "
+              f"(use --overwrite to redo it)")
         return 0
     r = seg.report.iloc[0]
     ram = r.get("peak_rss_mib") or r.get("maxrss_mib") or 0
