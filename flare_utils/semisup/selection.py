@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from flare_utils.errors import FlareInputError
+from flare_utils.layout import RunLayout
 from flare_utils.data.io import Geometry, atomic_write_text, nifti_by_case, read_label_map
 from flare_utils.data.labels import LABELS
 from flare_utils.utilities.parallel import map_processes
@@ -256,6 +257,13 @@ class SelectionResult:
     labels_folder: Path
     round_dirs: list[Path] = field(default_factory=list)
     all_cases_file: Path | None = None    # every scored case, same format (None: no case at all)
+    within: Path | None = None            # the run folder: paths inside it are recorded relative to it
+
+    def recorded(self, path: Path | None) -> str | None:
+        """A path as the summary records it (relative to `within` when inside it)."""
+        if path is None:
+            return None
+        return RunLayout(self.within).stored(path) if self.within is not None else str(path)
 
     @property
     def n_selected(self) -> int:
@@ -270,10 +278,9 @@ class SelectionResult:
                 "u_min": float(finite.min()) if len(finite) else None,
                 "u_median": float(finite.median()) if len(finite) else None,
                 "u_max_finite": float(finite.max()) if len(finite) else None,
-                "rounds": [str(d) for d in self.round_dirs], "labels_folder": str(self.labels_folder),
-                "selection_file": None if self.selection_file is None else str(self.selection_file),
-                "all_cases_file": None if self.all_cases_file is None else str(self.all_cases_file),
-                "scores_csv": str(self.scores_csv)}
+                "rounds": [self.recorded(d) for d in self.round_dirs], "labels_folder": self.recorded(self.labels_folder),
+                "selection_file": self.recorded(self.selection_file),
+                "all_cases_file": self.recorded(self.all_cases_file), "scores_csv": self.recorded(self.scores_csv)}
 
 
 def _json_safe(v):
@@ -296,6 +303,7 @@ def select_pseudo_labels(round_dirs: Sequence[str | Path], images_folder: str | 
     written first, to look at) unless `allow_empty_selection` (then no selection file is written).
     """
     dirs = [Path(d) for d in round_dirs]
+    rec = (lambda p: RunLayout(within).stored(p)) if within is not None else str     # noqa: E731
     out_dir = Path(out_dir)
     scores = stability_scores(dirs, cases, processes)
     sel = select_cases(scores, threshold, fraction, exclude_empty=exclude_empty)
@@ -323,18 +331,18 @@ def select_pseudo_labels(round_dirs: Sequence[str | Path], images_folder: str | 
         selection_path = None
     else:
         m = {"source": "flare_utils.semisup.selection", "equation": "u = 1/(K-1) sum_i SUM(y_i != y_i-1) / SUM(y_i > 0)",
-             "rounds": [str(d) for d in dirs], "labels_round": str(labels_folder), **rule,
+             "rounds": [rec(d) for d in dirs], "labels_round": rec(labels_folder), **rule,
              "scores": {c: _json_safe(float(sel.at[c, "u"])) for c in selected}, **dict(meta or {})}
         write_trainer_selection(selection_path, selected, labels_folder, images_folder, m, within=within)
     all_path: Path | None = out_dir / ALL_CASES_FILE
     if len(sel):
         write_trainer_selection(all_path, [str(c) for c in sel.index], labels_folder, images_folder,
-                                {"source": "flare_utils.semisup.selection", "rule": "all", "rounds": [str(d) for d in dirs],
-                                 "labels_round": str(labels_folder), **dict(meta or {})}, within=within)
+                                {"source": "flare_utils.semisup.selection", "rule": "all", "rounds": [rec(d) for d in dirs],
+                                 "labels_round": rec(labels_folder), **dict(meta or {})}, within=within)
     else:
         all_path = None
     result = SelectionResult(sel, selected, rejected, rule, scores_csv, selection_path, out_dir / SUMMARY_FILE,
-                             labels_folder, dirs, all_path)
+                             labels_folder, dirs, all_path, None if within is None else Path(within))
     atomic_write_text(result.summary_file, json.dumps({k: _json_safe(v) for k, v in result.summary().items()},
                                                       indent=2, default=str))
     return result

@@ -34,7 +34,7 @@ class SelectionStageResult:
     @property
     def selection_file(self) -> Path | None:
         f = self.summary.get("selection_file")
-        return Path(f) if f else None
+        return self.run.resolve(f) if f else None
 
 
 def selection_stage(run_dir: str | Path, *, rounds: Sequence[int] | None = None, images_dir: str | Path | None = None,
@@ -59,7 +59,7 @@ def selection_stage(run_dir: str | Path, *, rounds: Sequence[int] | None = None,
                                                if run.synthetic_unlabelled_truth.is_dir() else None)
     sel = S.select_pseudo_labels(round_dirs, images, out, threshold=threshold, fraction=fraction,
                                  labels_round=labels_round, exclude_empty=exclude_empty, processes=processes,
-                                 allow_empty_selection=True, meta={"run_dir": str(run.root)}, within=run.root)
+                                 allow_empty_selection=True, within=run.root)
     res = SelectionStageResult(run, out, sel.scores, sel.summary())
     res.figures["u_histogram"] = report.save_figure(figures.u_histogram_figure(sel.scores, sel.rule, len(ks)),
                                                     out / "u_histogram.png")
