@@ -191,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FlareInputError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        unit = getattr(e, "flare_unit", None)
+        where = f"during stage '{unit}'" if unit else ""
+        print(f"interrupted {where}; run the same command again to resume (complete stages are skipped)"
+              .replace("interrupted ;", "interrupted;"), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

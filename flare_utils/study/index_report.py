@@ -63,7 +63,7 @@ th,td{padding:.25em .7em;border-bottom:1px solid #e2e2e2;text-align:left;vertica
 thead th{background:#f3f3f3}
 .badge{display:inline-block;padding:0 .6em;border-radius:.8em;color:#fff;font-size:.85em}
 .done{background:#2e7d32}.failed{background:#c62828}.skipped{background:#757575}
-.pending{background:#ef8f00}.running{background:#1565c0}.unknown{background:#9e9e9e}
+.pending{background:#ef8f00}.running{background:#1565c0}.interrupted{background:#6a1b9a}.unknown{background:#9e9e9e}
 .missing{color:#777;font-style:italic}.findings li{margin:.2em 0}
 figure{display:inline-block;margin:.4em 1em .8em 0;vertical-align:top}
 figcaption{font-size:.85em;color:#555;max-width:60em}img{max-width:100%}img.small{max-width:30em}
@@ -415,7 +415,7 @@ def _section_stages(r: _Run) -> str:
     # Badges and links are markup, so this one table is built by hand; every text is escaped.
     rows = []
     for u in r.units:
-        status = u.status if u.status in ("done", "failed", "skipped", "pending", "running") else "unknown"
+        status = u.status if u.status in ("done", "failed", "skipped", "pending", "running", "interrupted") else "unknown"
         report = _link(u.report) if u.report else '<span class="missing">no report</span>'
         message = f"<br>{_e(u.message)}" if u.message else ""
         rows.append(f"<tr><td>{_e(u.unit)}</td><td><span class=\"badge {status}\">{_e(u.status)}</span></td>"

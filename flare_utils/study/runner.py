@@ -544,7 +544,6 @@ def run_study(params_path: str | Path | Mapping[str, Any], *, run_dir: str | Pat
     """Execute the params file's stages in pipeline order, skipping complete units (module
     docstring); stop at the first failing one (StageFailed, after writing stages.json and the
     index report). Returns one StageResult per unit of the plan."""
-    from flare_utils.study import provenance
     overrides = {"run_dir": str(run_dir)} if run_dir is not None else None
     params = load_params(params_path, overrides)
     start = _stage_names(start_from, params, "--from")
@@ -552,6 +551,16 @@ def run_study(params_path: str | Path | Mapping[str, Any], *, run_dir: str | Pat
     if start and only_l:
         raise FlareInputError(None, "give --from or --only, not both")
     run = RunLayout(Path(params.run_dir).resolve())
+    from flare_utils.study.lock import run_lock
+    with run_lock(run.root, command, log):      # one writer per run folder
+        return _run_locked(params, run, start, only_l, log=log, progress_stream=progress_stream,
+                           command=command, index=index)
+
+
+def _run_locked(params: StudyParams, run: RunLayout, start: list[str], only_l: list[str], *,
+                log: Callable[[str], None] | None, progress_stream: TextIO | None, command: str | None,
+                index: bool) -> list[StageResult]:
+    from flare_utils.study import provenance
     run.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.params_file, yaml.safe_dump(params.to_dict(), sort_keys=False))
     provenance.write(run.root, params, command)
@@ -598,6 +607,11 @@ def run_study(params_path: str | Path | Mapping[str, Any], *, run_dir: str | Pat
             except StageFailed as e:
                 results[i] = StageResult(unit.name, "failed", None, e.notebook, e.html, e.detail, stage=unit.stage)
                 rlog(f"[{unit.name}] FAILED: {e}")
+                raise
+            except KeyboardInterrupt as e:
+                results[i].status, results[i].message = "interrupted", "the run was stopped during this stage"
+                e.flare_unit = unit.name        # cli.main names it in its one-line message
+                rlog(f"[{unit.name}] interrupted")
                 raise
             finally:
                 logging.getLogger("papermill").removeHandler(handler)
