@@ -182,6 +182,21 @@ def test_every_notebook_opens_on_the_finished_run_by_setting_run_dir_and_rewrite
     assert not changed, changed
 
 
+@pytest.mark.slow
+def test_a_copied_run_folder_is_complete_where_it_lies(smoke_run, tmp_path):
+    """Paths inside a run are recorded relative to it: a copy elsewhere shows every stage complete
+    and its index report, and would re-run nothing."""
+    import shutil
+    from flare_utils.study.runner import study_status
+    run_dir, _ = smoke_run
+    copy = tmp_path / "sent" / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    status = study_status(PROJECT / "params" / "smoke.yaml", run_dir=copy)
+    assert [why for _, done, why in status if not done] == []
+    from flare_utils.study.models import read_models
+    assert all(Path(m["path"]).is_relative_to(copy.resolve()) for m in read_models(copy).values())
+
+
 @pytest.mark.parametrize("name", [n for n in STAGE_NOTEBOOKS if not n.startswith("01")])
 def test_stage_notebooks_with_their_defaults_stop_at_once_naming_run_dir(name):
     from nbclient.exceptions import CellExecutionError
@@ -192,9 +207,12 @@ def test_stage_notebooks_with_their_defaults_stop_at_once_naming_run_dir(name):
 
 @pytest.mark.slow
 def test_conversion_notebook_runs_on_its_own_in_a_new_folder(tmp_path):
+    killed = tmp_path / "standalone" / "nnUNet_raw" / ".Dataset990_FLARE22Smoke.x1y2.partial"   # a killed build
+    (killed / "imagesTr").mkdir(parents=True)
     nb = execute_as_jupyterlab(PROJECT / "notebooks" / "01_data_conversion.ipynb", tmp_path / "standalone")
     assert (tmp_path / "standalone" / "conversion" / "summary.csv").is_file()
     assert yaml.safe_load((tmp_path / "standalone" / "params.yaml").read_text())["name"] == "smoke"  # a run now
+    assert not killed.exists()
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 

@@ -36,6 +36,8 @@ def convert_stage(run_dir: str | Path, *, source: str = "phantom", flare22_root:
     from flare_utils.study import report
 
     run = RunLayout(run_dir).activate()
+    _remove_unfinished_builds(run.nnunet_raw, f"Dataset{int(dataset_id):03d}_{dataset_name}")
+    _remove_unfinished_builds(run.root, run.synthetic_data.name)
     cohort = None
     if source == "phantom":
         from flare_utils.synthetic.phantom import write_cohort
@@ -55,6 +57,17 @@ def convert_stage(run_dir: str | Path, *, source: str = "phantom", flare22_root:
     summary = dataset_summary(converted.dataset_dir, processes=processes)
     write_summary(summary, run.conversion)
     return ConversionResult(run, converted.dataset_dir, summary, report.volume_table(summary), cohort)
+
+
+def _remove_unfinished_builds(folder: Path, name: str) -> None:
+    """Delete what a killed conversion left of `name` in `folder`: the hidden temporary folders of
+    `flare_utils.data.io.atomic_directory` (`.<name>.*.partial`, `.<name>.*.old`). The run lock
+    guarantees that no other conversion of this run is building them now."""
+    import shutil
+    for pattern in (f".{name}.*.partial", f".{name}.*.old"):
+        for stale in folder.glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_conversion_result(run_dir: str | Path, dataset_id: int) -> ConversionResult:

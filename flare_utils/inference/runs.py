@@ -39,6 +39,12 @@ def _timing_file(out_dir: Path, case_ids) -> Path | None:
     return atomic_write_text(eff / CASES_EFFICIENCY, json.dumps({"cases": cases}, indent=1))
 
 
+def _recorded(path: Path, folder: Path) -> str:
+    """`path` relative to `folder` when inside it, else absolute (readers join it to the folder)."""
+    p = Path(path).resolve()
+    return p.relative_to(folder.resolve()).as_posix() if p.is_relative_to(folder.resolve()) else str(p)
+
+
 def predict_models(models: Mapping[str, Mapping[str, Any]], input_dir: str | Path,
                    outputs: Mapping[str, str | Path], *, mode: str = "efficient", device: str = "auto",
                    tta: bool = False, centre_threshold: int = DEFAULT_CENTRE_THRESHOLD,
@@ -76,11 +82,14 @@ def predict_models(models: Mapping[str, Mapping[str, Any]], input_dir: str | Pat
             "peak_rss_mib": float(table["peak_rss_mib"].max()) if "peak_rss_mib" in table else float("nan"),
         })
         entries[name] = {"path": str(m["path"]), "folds": [str(f) for f in m.get("folds", (0,))],
-                         "output_dir": str(out), "run_report": None if timing is None else str(timing)}
+                         "output_dir": out, "run_report": timing}
     overview = pd.DataFrame(rows).set_index("model")
     if summary_dir is not None:
         d = Path(summary_dir)
         d.mkdir(parents=True, exist_ok=True)
+        for e in entries.values():       # folders beside the summary are recorded relative to it (a moved run keeps them)
+            for key in ("output_dir", "run_report"):
+                e[key] = None if e[key] is None else _recorded(e[key], d)
         atomic_write_text(d / SUMMARY_CSV, overview.to_csv())
         atomic_write_text(d / SUMMARY_JSON, json.dumps(
             {"input_dir": str(input_dir), "mode": mode, "tta": bool(tta), "device": device,

@@ -217,7 +217,7 @@ def load_inference_result(run_dir: str | Path, output_dir: str | Path | None = N
         summary_dir = root
         entries = json.loads((root / SUMMARY_JSON).read_text())["models"]
         for name, e in entries.items():
-            outputs[name] = _existing(e["output_dir"], root / name)
+            outputs[name] = _existing(root / e["output_dir"], root / name)       # relative to the summary
             models[name] = {"path": e["path"], "folds": e["folds"]}
         candidates = [outputs[n] / EFFICIENCY_DIR / NOTEBOOK_SUMMARY for n in outputs]
     else:                                                     # one model: <root>/<mode> or root itself

@@ -145,9 +145,9 @@ def _evaluate_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     summary = run.inference / SUMMARY_JSON
     if summary.is_file():                      # the inference stage's predictions, one set per model
         for name, m in json.loads(summary.read_text())["models"].items():
-            sets[name] = m["output_dir"]
+            sets[name] = str(summary.parent / m["output_dir"])       # recorded relative to the summary
             if m.get("run_report"):
-                timing[name] = m["run_report"]
+                timing[name] = str(summary.parent / m["run_report"])
     sets.update(e["prediction_sets"])
     timing.update(e["timing_files"])
     raw = _raw_dataset(p, run)
@@ -207,8 +207,13 @@ def _marker_path(run: RunLayout, unit: Unit) -> Path:
     return run.markers / f"{unit.name.replace(':', '__')}.json"
 
 
-def _hash(parameters: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parameters, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _hash(parameters: dict[str, Any], run: RunLayout | None = None) -> str:
+    """The key of a unit's parameters; with `run`, paths inside the run count relative to it, so a
+    copied or moved run folder stays complete."""
+    text = json.dumps(parameters, sort_keys=True, default=str)
+    if run is not None:
+        text = text.replace(str(run.root), "<run>")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _read_marker(run: RunLayout, unit: Unit) -> dict[str, Any] | None:
@@ -224,7 +229,7 @@ def completion(run: RunLayout, unit: Unit, parameters: dict[str, Any], not_befor
     m = _read_marker(run, unit)
     if m is None:
         return False, "not run yet"
-    if m.get("parameters_hash") != _hash(parameters):
+    if m.get("parameters_hash") not in (_hash(parameters, run), _hash(parameters)):   # (markers before 2026-12)
         return False, "parameters changed"
     if not (run.notebooks / unit.output).is_file():
         return False, "executed notebook missing"
@@ -485,7 +490,7 @@ def run_unit(unit: Unit, parameters: dict[str, Any], run: RunLayout, *, kernel_n
     seconds = time.perf_counter() - t0
     marker.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps({"unit": unit.name, "notebook": unit.output, "finished": time.time(),
-                                          "seconds": round(seconds, 2), "parameters_hash": _hash(parameters),
+                                          "seconds": round(seconds, 2), "parameters_hash": _hash(parameters, run),
                                           "parameters": parameters}, indent=1, default=str))
     log(f"[{unit.name}] done in {seconds:.1f} s -> {html}")
     return StageResult(unit.name, "done", seconds, out, html, stage=unit.stage)
