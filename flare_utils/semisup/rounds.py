@@ -4,9 +4,10 @@ Round 1: the teacher ensemble predicts every unlabelled case in the paper's *acc
 (nnU-Net's full sliding window, softmax averaged over the folds). Rounds 2..K: a big model is
 retrained on the labelled cases + ALL pseudo labels of the previous round, then predicts again.
 The K label maps per case feed the stability selection (`flare_utils.semisup.selection`).
-Each round is a folder `<run_dir>/pseudo_labels/round_NN/`; nothing is ever overwritten, and an
-interrupted run resumes: finished rounds are skipped, finished cases kept (labels are written
-atomically), and a round folder made with another model/folds/tta is an error.
+Each round is a folder `<run_dir>/pseudo_labels/round_NN/`. An interrupted run resumes: finished
+rounds are skipped, finished cases kept (labels are written atomically). `predict_round` refuses a
+round folder made with another model (its content), folds or tta; `run_rounds` makes such rounds,
+and every later one, anew (a retrained teacher, changed retraining settings).
 
 Details: docs/reference/pseudo_labels.md
 """
