@@ -76,7 +76,7 @@ def test_notebook_is_stored_clean():
 
 
 @pytest.mark.slow
-def test_teacherprinted_and_pictures(executed):
+def test_teacher_outputs(executed):
     run_dir, out_nb, cases = executed
     out = run_dir / "teacher"
     summary = json.loads((out / "summary.json").read_text())
@@ -133,7 +133,10 @@ def test_teacherprinted_and_pictures(executed):
     assert list(r.splits["n_val"]) == [2, 2] and list(r.last_epoch.index) == ["0", "1"]
     assert list(r.last_epoch.columns[:3]) == ["epoch", "train_loss", "val_loss"]
     assert r.cv_dice.loc["liver", "mean"] == pytest.approx(summary["cv_dice"]["liver"])
-    assert json.loads((run_dir / "models.json").read_text())["teacher"]["path"] == str(results)
+    from flare_utils.study.models import read_models
+    assert read_models(run_dir)["teacher"]["path"] == str(results)
+    assert json.loads((run_dir / "models.json").read_text())["teacher"]["path"] == \
+        "nnUNet_results/Dataset512_TeacherTiny/FlareTeacherTrainer__nnUNetPlans_teachertest__3d_fullres"   # run-relative
 
 
 @pytest.mark.slow

@@ -58,15 +58,16 @@ def test_notebook_is_stored_clean():
 
 
 @pytest.mark.slow
-def test_noisy_student_recipeprinted_and_pictures(executed):
+def test_noisy_student_recipe_outputs(executed):
     run_dir, out_nb, _ = executed
     out = run_dir / "student_training" / "selected"          # variant from the selection file
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recipe"] == "noisy_student" and summary["final_stage"] == "finetune"
     # the study keeps the final (fine-tuned) model as its own results folder, registered by name
-    models = json.loads((run_dir / "models.json").read_text())
+    from flare_utils.study.models import read_models
+    models = read_models(run_dir)
     assert list(models) == ["student_selected"] and models["student_selected"]["trainer"] == "FlareFineTuneTrainer"
-    assert Path(models["student_selected"]["path"]) == run_dir / "models" / "student_selected"
+    assert Path(models["student_selected"]["path"]) == (run_dir / "models" / "student_selected").resolve()
     assert (run_dir / "models" / "student_selected" / "fold_0" / "checkpoint_final.pth").is_file()
     assert summary["n_selected"] == 3 and summary["config"]["pseudo_share"] == 0.75
     student = Path(summary["stages"]["student"]["results_folder"])

@@ -97,7 +97,8 @@ def test_smoke_study_runs_every_stage_and_registers_five_models(smoke_run):
     assert [r.name for r in results] == ["convert", "teacher", "pseudo", "select", "student:selected",
                                          "student:labelled_only", "student:all", "infer", "evaluate"]
     assert all(r.status == "done" for r in results)
-    models = json.loads((run_dir / "models.json").read_text())
+    from flare_utils.study.models import read_models
+    models = read_models(run_dir)                  # paths inside the run are stored relative to it
     assert sorted(models) == sorted(MODELS)
     for name, m in models.items():
         for f in m["folds"]:
