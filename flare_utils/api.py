@@ -46,8 +46,11 @@ def segment(input: str | Path, output: str | Path, model: str | Path, *, folds: 
             checkpoint: str = "checkpoint_final.pth") -> Segmentation:
     """Segment a NIfTI CT (or every NIfTI of a folder) with a trained nnU-Net v2 results folder.
 
-    A file goes to `output` when that ends in .nii/.nii.gz, else to `output/<case>.nii.gz`; a folder
-    to `output/<case>.nii.gz` (resumable: existing outputs are kept unless `overwrite`). Efficiency
+    A file goes to `output` when that ends in .nii/.nii.gz, else to `output/<case>.nii.gz`, the case
+    being the file's whole name without .nii.gz/.nii (`patient_0001.nii.gz` -> `patient_0001`) minus
+    only nnU-Net's channel suffix `_0000` (`ct_0000.nii.gz` -> `ct`); a folder's images go to
+    `output/<case>.nii.gz`, named by the same rule (resumable: existing outputs are kept unless
+    `overwrite`). Efficiency
     reports go to `<output folder>/efficiency/`. `folds`: one, several (ensemble), "all" or None (every
     trained fold); `mode`: "efficient" (the FLARE22 winner's sliding window) or "full" (nnU-Net's).
     """
@@ -88,14 +91,15 @@ def segment(input: str | Path, output: str | Path, model: str | Path, *, folds: 
 
 def evaluate(predictions: str | Path, ground_truth: str | Path, output: str | Path | None = None, *,
              revision: str = "2022", hd95: bool = False, processes: int = 2,
-             cases: Iterable[str] | None = None, allow_missing: bool = False):
+             cases: Iterable[str] | None = None, allow_missing: bool = False, strict: bool = False):
     """FLARE22 DSC/NSD (official rules) of every ground-truth case against `predictions/<case>.nii.gz`.
 
     Returns the `EvaluationResult` (per-case table `.per_case`, `.summary`); with `output` the CSV and
-    summary JSON are written there."""
+    summary JSON are written there. Label values outside 0-13 count as background (official rule) with
+    a warning and counts in the summary; `strict` refuses them."""
     from flare_utils.evaluation.evaluate import evaluate_folders
     return evaluate_folders(predictions, ground_truth, output, revision=revision, hd95=hd95, processes=processes,
-                            cases=cases, allow_missing=allow_missing)
+                            cases=cases, allow_missing=allow_missing, strict=strict)
 
 
 def run_study(params: str | Path | Mapping[str, Any], *, run_dir: str | Path | None = None,

@@ -207,8 +207,10 @@ def test_convert_mask_folder_writes_atomically(masks, tmp_path):
     assert np.array_equal(np.asarray(img.dataobj), masks_to_label_map(masks, overlap="label_order")[0])
     before = out.read_bytes()
     save(masks, "pancreas.nii.gz", box(0, 4, 0, 4) * 0.3)
+    with pytest.raises(FlareInputError, match="already exists"):
+        convert_mask_folder(masks, out)                      # checked before any mask is read
     with pytest.raises(FlareInputError, match="pancreas.nii.gz"):
-        convert_mask_folder(masks, out)
+        convert_mask_folder(masks, out, overwrite=True)
     assert out.read_bytes() == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["label.nii.gz"]
 

@@ -33,6 +33,7 @@ from flare_utils.data.io import (
     Geometry,
     atomic_directory,
     atomic_write_text,
+    list_nifti,
     load_nifti,
     read_label_map,
     save_nifti_like,
@@ -201,11 +202,11 @@ def _strip_ext(name: str) -> str | None:
 
 
 def _nifti_files(folder: Path, what: str) -> list[Path]:
-    """NIfTI files directly in `folder` (hidden files and other files are ignored)."""
+    """NIfTI files directly in `folder` (hidden files and other files are ignored; a dangling
+    symbolic link with a NIfTI name is a FlareInputError naming it, not a case left out)."""
     if not folder.is_dir():
         raise FlareInputError(folder, f"{what} folder is missing")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and _strip_ext(p.name) is not None)
+    files = list_nifti(folder, ignore_case=True)
     if not files:
         raise FlareInputError(folder, f"{what} folder holds no NIfTI files (.nii.gz or .nii)")
     return files
@@ -423,6 +424,25 @@ def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def _check_apart(layout_or_root, layout: Flare22Layout, raw_root: Path) -> None:
+    """The raw root must not lie inside the FLARE22 source (its root, or each source folder of an
+    explicit layout) nor hold it: the sources are only read, never written or moved."""
+    if isinstance(layout_or_root, Flare22Layout):
+        sources = [d for d in [layout.labelled_images, layout.labelled_labels, *layout.unlabelled_dirs,
+                               layout.validation_images, layout.validation_labels] if d is not None]
+    else:
+        sources = [Path(layout_or_root)]
+    raw = raw_root.resolve()
+    for src in sources:
+        s = src.resolve()
+        if raw == s or s in raw.parents:
+            raise FlareInputError(raw_root, f"the nnU-Net raw root lies inside the FLARE22 source {src}, or is "
+                                            "it: the sources are never modified; choose a raw root elsewhere")
+        if raw in s.parents:
+            raise FlareInputError(raw_root, f"the FLARE22 source {src} lies inside this nnU-Net raw root: the "
+                                            "sources are never modified; choose a raw root elsewhere")
+
+
 def convert_flare22(layout_or_root: Flare22Layout | str | Path, raw_root: str | Path, dataset_id: int,
                     dataset_name: str = "FLARE22", *, overwrite: bool = False, link: str = "copy",
                     processes: int = 1) -> ConvertResult:
@@ -431,6 +451,7 @@ def convert_flare22(layout_or_root: Flare22Layout | str | Path, raw_root: str | 
     Every input problem raises FlareInputError naming the file; nothing is written then.
     """
     layout = layout_or_root if isinstance(layout_or_root, Flare22Layout) else Flare22Layout.discover(layout_or_root)
+    _check_apart(layout_or_root, layout, Path(raw_root))
     if link not in LINK_MODES:
         raise FlareInputError(None, f"link={link!r} is not one of {LINK_MODES}")
     if isinstance(dataset_id, bool) or not isinstance(dataset_id, (int, np.integer)) or not 1 <= int(dataset_id) <= 999:
@@ -466,8 +487,8 @@ def convert_flare22(layout_or_root: Flare22Layout | str | Path, raw_root: str | 
             why = "is incomplete (files listed in its manifest.json are missing)"
         else:
             why = "was built from different inputs"
-        raise FlareInputError(target, f"already exists and {why}; pass overwrite=True to replace it "
-                                      f"or choose another dataset id")
+        raise FlareInputError(target, f"already exists and {why}; pass overwrite=True (command line: "
+                                      f"--overwrite) to replace it or choose another dataset id")
 
     created_root = not raw_root.exists()
     n_train = sum(c.split == "train" for c in cases)

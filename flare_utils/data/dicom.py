@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from flare_utils.errors import FlareInputError
-from flare_utils.data.io import save_nifti
+from flare_utils.data.io import check_nifti_name, check_output_outside, check_overwrite, save_nifti
 
 __all__ = ["read_dicom_series", "dicom_series_to_nifti", "list_dicom_series", "DicomSeries",
            "SLICE_GAP_ATOL_MM", "SLICE_GAP_RTOL", "ORIENTATION_ATOL"]
@@ -212,7 +212,8 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> tupl
         if len(series) > 1:
             listing = "; ".join(f"{s.uid or '<empty>'} ({len(s.files)} files{', ' + s.description if s.description else ''})"
                                 for s in series.values())
-            raise FlareInputError(folder, f"holds {len(series)} DICOM series: {listing}; choose one with series_uid=")
+            raise FlareInputError(folder, f"holds {len(series)} DICOM series: {listing}; choose one with series_uid= "
+                                          "(on the command line --series-uid)")
         chosen = next(iter(series.values()))
     else:
         if series_uid not in series:
@@ -238,8 +239,16 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> tupl
     return out, LPS_TO_RAS @ affine_lps
 
 
-def dicom_series_to_nifti(folder: str | Path, out_path: str | Path, series_uid: str | None = None) -> Path:
-    """read_dicom_series, then write the volume atomically as NIfTI (qform = sform, units mm)."""
+def dicom_series_to_nifti(folder: str | Path, out_path: str | Path, series_uid: str | None = None, *,
+                          overwrite: bool = False) -> Path:
+    """read_dicom_series, then write the volume atomically as NIfTI (qform = sform, units mm).
+
+    `out_path` must be a NIfTI name outside the series folder (the series is never written to); an
+    existing `out_path` is replaced only with `overwrite`. Checked before any slice is read.
+    """
+    check_nifti_name(out_path)
+    check_output_outside(out_path, folder, "the DICOM series folder")
+    check_overwrite(out_path, overwrite)
     data, affine = read_dicom_series(folder, series_uid=series_uid)
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm", "sec")

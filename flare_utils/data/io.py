@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
+from nibabel.wrapstruct import WrapStructError
 
 from flare_utils.errors import FlareInputError
 
@@ -86,7 +87,10 @@ def _gz(path: str | Path) -> bool:
 def read_nifti(path: str | Path, *, unscaled: bool = False) -> tuple[nib.Nifti1Image, np.ndarray]:
     """(image, voxel array) of a NIfTI file, the array read eagerly; `unscaled`: the stored values
     (no slope/intercept applied; the image's `dataobj.slope`/`.inter` say how to scale them).
-    nibabel errors propagate (callers turn them into FlareInputError)."""
+    nibabel errors propagate (callers turn them into FlareInputError); an empty (0-byte) file is a
+    FlareInputError here."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise FlareInputError(path, "empty file (0 bytes), not a NIfTI image")
     if _igzip is not None and _gz(path):
         with _igzip.open(str(path), "rb") as f:
             head = f.read(4)
@@ -104,6 +108,34 @@ def read_nifti(path: str | Path, *, unscaled: bool = False) -> tuple[nib.Nifti1I
     proxy = img.dataobj
     data = np.asanyarray(proxy.get_unscaled() if unscaled and hasattr(proxy, "get_unscaled") else proxy)
     return img, data
+
+
+def check_nifti_name(path: str | Path) -> Path:
+    """`path`, or a FlareInputError naming it when its name does not end in .nii.gz or .nii (the
+    writers here choose the format by the name)."""
+    path = Path(path)
+    if not path.name.endswith(NIFTI_SUFFIXES) or path.name in NIFTI_SUFFIXES:
+        raise FlareInputError(path, "output must be a NIfTI file name ending in .nii.gz or .nii")
+    return path
+
+
+def check_output_outside(out: str | Path, source: str | Path, what: str) -> None:
+    """FlareInputError naming `out` when it is `source` or lies inside it (symbolic links resolved):
+    sources are never written to. `what` names the source in the message, e.g. "the mask folder"."""
+    out, source = Path(out), Path(source)
+    o, s = out.resolve(), source.resolve()
+    same = o.exists() and s.exists() and os.path.samefile(o, s)
+    if same or o == s or s in o.parents:
+        raise FlareInputError(out, f"lies inside {what} {source}, or is it: sources are never "
+                                   "modified; write the output elsewhere")
+
+
+def check_overwrite(out: str | Path, overwrite: bool) -> None:
+    """FlareInputError naming `out` when it exists and `overwrite` is false."""
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise FlareInputError(out, "already exists; pass overwrite=True (command line: --overwrite) to "
+                                   "replace it")
 
 
 def write_nifti(img: nib.Nifti1Image, path: str | Path) -> None:
@@ -135,6 +167,7 @@ def save_nifti_planes_like(planes: Iterator[np.ndarray], shape: tuple[int, int, 
     (j, i) in C order, i.e. the bytes of that plane in NIfTI's order (i fastest). The same file as
     `save_nifti_like(full_array, ...)` (same header, same data); atomic like every writer here.
     """
+    check_nifti_name(path)
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape)
     header = reference.header.copy()
@@ -170,8 +203,10 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
         raise FlareInputError(path, "file is missing")
     try:
         img, data = read_nifti(path)
+    except FlareInputError:
+        raise
     except (EOFError, OSError, zlib.error, ValueError, nib.filebasedimages.ImageFileError,
-            nib.spatialimages.HeaderDataError) as e:
+            nib.spatialimages.HeaderDataError, WrapStructError) as e:
         raise FlareInputError(path, f"unreadable or truncated NIfTI ({type(e).__name__}: {e})") from e
     if len(img.shape) < 3:
         raise FlareInputError(path, f"expected a 3D image, got shape {img.shape}")
@@ -212,7 +247,9 @@ def read_label_map(path: str | Path, valid_labels: set[int] | None = None) -> tu
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path,
                like: nib.Nifti1Image | None = None) -> Path:
-    """Write a NIfTI atomically (temp file in the same folder, then rename)."""
+    """Write a NIfTI atomically (temp file in the same folder, then rename); the name must end in
+    .nii.gz or .nii (FlareInputError otherwise)."""
+    check_nifti_name(path)
     header = like.header.copy() if like is not None else None
     img = nib.Nifti1Image(data, affine, header=header)
     img.set_data_dtype(data.dtype)
@@ -300,12 +337,23 @@ def remove_stale_temporaries(folder: str | Path) -> int:
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-def list_nifti(folder: str | Path, suffixes: tuple[str, ...] = NIFTI_SUFFIXES) -> list[Path]:
+def list_nifti(folder: str | Path, suffixes: tuple[str, ...] = NIFTI_SUFFIXES, *,
+               ignore_case: bool = False) -> list[Path]:
     """The NIfTI files directly in `folder`, sorted by name. Hidden files (unfinished atomic writes)
     are left out; `suffixes` narrows the names, e.g. ("_0000.nii.gz", "_0000.nii") for nnU-Net's
-    first channel."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.name.endswith(tuple(suffixes)))
+    first channel; `ignore_case` also takes e.g. `LIVER.NII.GZ`. A dangling symbolic link with such
+    a name is a FlareInputError naming it (a case must not silently disappear)."""
+    suffixes = tuple(s.lower() for s in suffixes) if ignore_case else tuple(suffixes)
+    files = []
+    for p in sorted(Path(folder).iterdir()):
+        name = p.name.lower() if ignore_case else p.name
+        if p.name.startswith(".") or not name.endswith(suffixes):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise FlareInputError(p, f"dangling symbolic link (its target {os.readlink(p)} is missing)")
+        if p.is_file():
+            files.append(p)
+    return files
 
 
 def nifti_by_case(folder: str | Path, channel_suffix: bool = False) -> dict[str, Path]:
@@ -328,7 +376,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     """
     target = Path(target)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists (pass overwrite=True to replace it)")
+        raise FileExistsError(f"{target}: already exists (pass overwrite=True, on the command line --overwrite, to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
@@ -346,13 +394,14 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
 
 
 def case_id_from_path(path: str | Path, channel_suffix: bool = False) -> str:
-    """Case id of a NIfTI file name: strips .nii.gz/.nii and, optionally, nnU-Net's _0000."""
+    """Case id of a NIfTI file name: strips .nii.gz/.nii and, with `channel_suffix`, nnU-Net's channel
+    suffix _0000 (only that one: `patient_0001.nii.gz` is case `patient_0001`; `ct_0000.nii.gz` is `ct`)."""
     name = Path(path).name
     for ext in (".nii.gz", ".nii"):
         if name.endswith(ext):
             name = name[: -len(ext)]
             break
-    if channel_suffix and len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+    if channel_suffix and len(name) > 5 and name.endswith("_0000"):
         name = name[:-5]
     return name
 
@@ -364,6 +413,7 @@ def save_nifti_like(data: np.ndarray, reference: nib.Nifti1Image, path: str | Pa
     are kept bit for bit; only the data type (that of `data`) and the scaling (reset to none)
     change. Used for label maps that must sit on their image's grid.
     """
+    check_nifti_name(path)
     header = reference.header.copy()
     header.set_data_dtype(data.dtype)
     header.set_slope_inter(1.0, 0.0)

@@ -21,7 +21,8 @@ import numpy as np
 
 from flare_utils.data import labels as _labels
 from flare_utils.errors import FlareInputError
-from flare_utils.data.io import Geometry, read_array, save_nifti_like
+from flare_utils.data.io import (Geometry, check_nifti_name, check_output_outside, check_overwrite, list_nifti,
+                                 read_array, save_nifti_like)
 
 __all__ = ["masks_to_label_map", "convert_mask_folder", "MultiMaskReport", "RATER_PATTERN",
            "OVERLAP_RULES", "RATER_RULES", "parse_structure_name"]
@@ -102,9 +103,7 @@ class MultiMaskReport:
 def _mask_files(mask_dir: Path) -> list[Path]:
     if not mask_dir.is_dir():
         raise FlareInputError(mask_dir, "mask folder is missing or not a folder")
-    files = sorted(p for p in mask_dir.iterdir()
-                   if p.is_file() and not p.name.startswith(".")
-                   and p.name.lower().endswith((".nii.gz", ".nii")))
+    files = list_nifti(mask_dir, ignore_case=True)
     if not files:
         raise FlareInputError(mask_dir, "mask folder holds no NIfTI files (.nii.gz or .nii)")
     return files
@@ -122,7 +121,7 @@ def _binarize(path: Path, data: np.ndarray, threshold: float | None) -> np.ndarr
         bad = np.unique(data[~(on | (data == 0))])
         shown = ", ".join(f"{v:g}" for v in bad[:5]) + (", ..." if bad.size > 5 else "")
         raise FlareInputError(path, f"mask is not binary: holds values {shown} besides 0 and 1 "
-                                    "(pass threshold= to binarise a soft or 0/255 mask)")
+                                    "(pass threshold=, on the command line --threshold, to binarise a soft or 0/255 mask)")
     return on
 
 
@@ -130,7 +129,7 @@ def _check_options(overlap, raters, threshold):
     if overlap not in OVERLAP_RULES:
         raise FlareInputError(None, f"overlap={overlap!r} is not one of {OVERLAP_RULES}")
     if isinstance(raters, bool) or not (raters in RATER_RULES or (isinstance(raters, (int, np.integer)) and raters >= 0)):
-        raise FlareInputError(None, f"raters={raters!r} must be one of {RATER_RULES} or a rater number")
+        raise FlareInputError(None, f"raters={raters!r} (--raters) must be one of {RATER_RULES} or a rater number")
     if threshold is not None and not np.isfinite(float(threshold)):
         raise FlareInputError(None, f"threshold={threshold!r} must be a finite number")
 
@@ -269,8 +268,16 @@ def masks_to_label_map(mask_dir: str | Path, *, overlap: str = "smallest_wins", 
     return out, ref_geom, report
 
 
-def convert_mask_folder(mask_dir: str | Path, out_path: str | Path, **kw) -> MultiMaskReport:
-    """masks_to_label_map, then write the map atomically (uint8, on the masks' grid and header)."""
+def convert_mask_folder(mask_dir: str | Path, out_path: str | Path, *, overwrite: bool = False,
+                        **kw) -> MultiMaskReport:
+    """masks_to_label_map, then write the map atomically (uint8, on the masks' grid and header).
+
+    `out_path` must be a NIfTI name outside the mask folder (the masks are never written to); an
+    existing `out_path` is replaced only with `overwrite`. Checked before any mask is read.
+    """
+    check_nifti_name(out_path)
+    check_output_outside(out_path, mask_dir, "the mask folder")
+    check_overwrite(out_path, overwrite)
     label_map, geom, report = masks_to_label_map(mask_dir, **kw)
     ref = nib.load(str(Path(mask_dir) / report.reference))
     save_nifti_like(label_map, ref, out_path)

@@ -4,7 +4,9 @@
 (file name without .nii.gz/.nii), scores every case with flare_utils.evaluation.metrics in parallel
 worker processes, and writes ``metrics_per_case.csv`` (the official column layout, values not
 rounded unless ``decimals=4``) and ``summary.json`` (per-organ and overall means; NaN and inf
-values are skipped and counted). Both files are written atomically.
+values are skipped and counted). Both files are written atomically. Label values outside 0-13
+count as background, as in the official script, with a warning and a count in the summary
+(``n_cases_with_unknown_labels``, ``unknown_label_values``); ``strict=True`` refuses them.
 
 Details: docs/reference/metrics.md
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,7 +24,7 @@ import pandas as pd
 
 from flare_utils.errors import FlareInputError
 from flare_utils.data.io import atomic_write_text, nifti_by_case, read_label_map
-from flare_utils.data.labels import ORGANS
+from flare_utils.data.labels import NUM_CLASSES, ORGANS
 from flare_utils.evaluation.metrics import DEFAULT_REVISION, _check_revision, evaluate_case, scores_to_row
 from flare_utils.utilities.parallel import map_processes
 
@@ -51,11 +54,24 @@ def _fmt_ids(ids: Iterable[str], limit: int = 20) -> str:
     return s + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
-def _evaluate_one(task: tuple[str, str | None, str, dict]) -> tuple[str, dict | None, tuple | None]:
-    """Worker (top level, so spawn can pickle it): (case id, row, error) for one case."""
-    case_id, pred_path, gt_path, kw = task
+def _unknown_labels(path: str, labels: np.ndarray, strict: bool) -> list[int]:
+    """Label values of a map outside 0..13 (scored as background); a FlareInputError when `strict`."""
+    values = np.unique(labels)
+    bad = [int(v) for v in values if not 0 <= v < NUM_CLASSES]
+    if bad and strict:
+        raise FlareInputError(path, f"label values {bad} are outside 0-{NUM_CLASSES - 1} (the FLARE22 labels); "
+                                    "strict evaluation refuses them (without strict=True / --strict they "
+                                    "count as background, as in the official script)")
+    return bad
+
+
+def _evaluate_one(task: tuple) -> tuple[str, dict | None, tuple | None, list[int]]:
+    """Worker (top level, so spawn can pickle it): (case id, row, error, label values outside 0-13)
+    for one case."""
+    case_id, pred_path, gt_path, kw, strict = task
     try:
         gt, g_geom = read_label_map(gt_path)
+        unknown = _unknown_labels(gt_path, gt, strict)
         if pred_path is None:  # allow_missing: an empty prediction
             pred = np.zeros_like(gt)
         else:
@@ -63,11 +79,12 @@ def _evaluate_one(task: tuple[str, str | None, str, dict]) -> tuple[str, dict | 
             problem = g_geom.mismatch(p_geom)
             if problem is not None:
                 raise FlareInputError(pred_path, f"geometry differs from the ground truth {gt_path}: {problem}")
+            unknown = sorted(set(unknown) | set(_unknown_labels(pred_path, pred, strict)))
         scores = evaluate_case(pred, gt, g_geom.spacing, **kw)
-        return case_id, scores_to_row(scores, hd95=kw.get("hd95", False)), None
+        return case_id, scores_to_row(scores, hd95=kw.get("hd95", False)), None, unknown
     except FlareInputError as e:
         # FlareInputError does not survive pickling (custom __init__): send its parts back.
-        return case_id, None, (str(e.path) if e.path is not None else None, e.problem)
+        return case_id, None, (str(e.path) if e.path is not None else None, e.problem), []
 
 
 def _stats(values: np.ndarray, skip_inf: bool = False) -> dict[str, float | int]:
@@ -129,11 +146,14 @@ def _json_safe(x):
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path | None = None, *,
                      revision: str = DEFAULT_REVISION, hd95: bool = False, processes: int = 2,
                      cases: Iterable[str] | None = None, allow_missing: bool = False,
-                     exact_official_zcut: bool = True, decimals: int | None = None) -> EvaluationResult:
+                     exact_official_zcut: bool = True, decimals: int | None = None,
+                     strict: bool = False) -> EvaluationResult:
     """Score every ground-truth case in `gt_dir` against `pred_dir/<case>.nii.gz`.
 
     cases: restrict to these case ids (each must have a ground truth).
     allow_missing: score a missing prediction as an empty label map instead of raising.
+    strict: refuse label values outside 0-13 (FlareInputError naming the file); by default they count
+        as background, as in the official script, with a warning and counts in the summary.
     processes: worker processes (spawned); 1 evaluates in this process.
     decimals: round the CSV / DataFrame values (the official script rounds to 4); the summary is
         always computed from unrounded values.
@@ -158,20 +178,30 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
     missing = set(gts) - set(preds)
     if missing and not allow_missing:
         raise FlareInputError(pred_dir, f"missing prediction(s) for case(s): {_fmt_ids(missing)} "
-                                        "(pass allow_missing=True to score them as empty)")
+                                        "(pass allow_missing=True, on the command line --allow-missing, to score them as empty)")
 
     kw = {"revision": revision, "hd95": hd95, "exact_official_zcut": exact_official_zcut}
-    tasks = [(cid, str(preds[cid]) if cid in preds else None, str(gts[cid]), kw) for cid in sorted(gts)]
+    tasks = [(cid, str(preds[cid]) if cid in preds else None, str(gts[cid]), kw, bool(strict))
+             for cid in sorted(gts)]
     results = map_processes(_evaluate_one, tasks, processes)
-    for _cid, _row, err in results:
+    for _cid, _row, err, _unknown in results:
         if err is not None:
             raise FlareInputError(err[0], err[1])
 
     rows = []
-    for (cid, row, _err), task in zip(results, tasks):
+    for (cid, row, _err, _unknown), task in zip(results, tasks):
         rows.append({"Name": Path(task[2]).name, **row})
     per_case = pd.DataFrame(rows)
     summary = summarize(per_case, revision, hd95)
+    unknown = {cid: u for cid, _row, _err, u in results if u}
+    values = sorted(set().union(*unknown.values())) if unknown else []
+    summary["n_cases_with_unknown_labels"] = len(unknown)
+    summary["unknown_label_values"] = values
+    summary["cases_with_unknown_labels"] = sorted(unknown)
+    if unknown:
+        warnings.warn(f"{len(unknown)} case(s) hold label values outside 0-{NUM_CLASSES - 1} ({values}), scored as "
+                      f"background as in the official script: {_fmt_ids(unknown)} (strict=True / --strict "
+                      "refuses them)", UserWarning, stacklevel=2)
     per_case["Revision"] = revision
     if decimals is not None:
         num = per_case.columns[1:-1]

@@ -48,6 +48,10 @@ def read_image(path: str | Path) -> StoredImage:
         arr = arr.reshape(arr.shape[:3])
     if arr.ndim != 3:
         raise FlareInputError(path, f"expected a 3D image, got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+        # min/max propagate NaN and show +-inf without a temporary array as large as the image
+        what = "NaN" if np.isnan(arr.min()) else "infinite"
+        raise FlareInputError(path, f"image holds {what} voxel values; a CT must hold finite intensities")
     slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
     inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])

@@ -32,14 +32,14 @@ def _cmd_convert_masks(a: argparse.Namespace) -> int:
     from flare_utils.data.multimask import convert_mask_folder
     raters = int(a.raters) if a.raters.isdigit() else a.raters
     report = convert_mask_folder(a.mask_dir, a.out, overlap=a.overlap, raters=raters,
-                                 threshold=a.threshold)
+                                 threshold=a.threshold, overwrite=a.overwrite)
     print(report)
     return 0
 
 
 def _cmd_convert_dicom(a: argparse.Namespace) -> int:
     from flare_utils.data.dicom import dicom_series_to_nifti
-    print(dicom_series_to_nifti(a.series_dir, a.out, series_uid=a.series_uid))
+    print(dicom_series_to_nifti(a.series_dir, a.out, series_uid=a.series_uid, overwrite=a.overwrite))
     return 0
 
 
@@ -66,7 +66,8 @@ def _cmd_status(a: argparse.Namespace) -> int:
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from flare_utils.api import evaluate
-    res = evaluate(a.pred_dir, a.gt_dir, a.out, revision=a.revision, hd95=a.hd95, processes=a.processes)
+    res = evaluate(a.pred_dir, a.gt_dir, a.out, revision=a.revision, hd95=a.hd95, processes=a.processes,
+                   allow_missing=a.allow_missing, strict=a.strict)
     s = res.summary
     print(json.dumps({k: s[k] for k in ("revision", "n_cases", "mean_dsc", "mean_nsd") if k in s},
                      indent=2))
@@ -130,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overlap", default="smallest_wins", choices=["smallest_wins", "label_order"])
     m.add_argument("--raters", default="majority", help="majority | union | intersection | N (one rater)")
     m.add_argument("--threshold", type=float, default=None, help="binarise float masks at this value")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
     m.set_defaults(func=_cmd_convert_masks)
     d = cvs.add_parser("dicom", help="DICOM CT series -> NIfTI")
     d.add_argument("series_dir", type=Path)
     d.add_argument("out", type=Path)
     d.add_argument("--series-uid", default=None)
+    d.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
     d.set_defaults(func=_cmd_convert_dicom)
 
     r = sub.add_parser("run", help="run the study stages of a params YAML with papermill (complete stages are "
@@ -160,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--revision", choices=["2022", "2024"], default="2022")
     e.add_argument("--hd95", action="store_true")
     e.add_argument("--processes", type=int, default=2)
+    e.add_argument("--allow-missing", action="store_true", help="score a missing prediction as an empty label map")
+    e.add_argument("--strict", action="store_true",
+                   help="refuse label values outside 0-13 (by default: background, with a warning)")
     e.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="efficient nnU-Net v2 inference (FLARE22 winner's sliding window)")

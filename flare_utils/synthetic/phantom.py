@@ -32,7 +32,7 @@ __all__ = ["PhantomPreset", "PRESETS", "PhantomCase", "CohortInfo", "FOVS", "PAI
            "generate_case", "write_cohort", "case_seed", "get_preset", "PHANTOM_VERSION"]
 
 # Bump when a change alters the generated voxels for the same seed and preset: write_cohort
-# refuses to reuse a cohort written by another version (pass overwrite=True to regenerate).
+# refuses to reuse a cohort written by another version (pass overwrite=True, on the command line --overwrite, to regenerate).
 PHANTOM_VERSION = 1
 
 # ----------------------------------------------------------------------------------------------
@@ -1388,11 +1388,11 @@ def write_cohort(root: str | Path, n_labelled: int, n_unlabelled: int, n_validat
                              if c.get(w) and not (root / c[w]).exists()]
             if missing_files:
                 raise FlareInputError(root, f"cohort is incomplete ({len(missing_files)} files missing, "
-                                            f"e.g. {missing_files[0]}); pass overwrite=True to regenerate")
+                                            f"e.g. {missing_files[0]}); pass overwrite=True (command line: --overwrite) to regenerate")
             return info
         if not meta.exists() and any(root.iterdir()) and not overwrite:
             raise FlareInputError(root, "exists and is not a synthetic cohort (no cohort.json); "
-                                        "pass overwrite=True to replace it or choose another folder")
+                                        "pass overwrite=True (command line: --overwrite) to replace it or choose another folder")
     jobs_spec = []
     for split, n in (("labelled", n_labelled), ("unlabelled", n_unlabelled), ("validation", n_validation)):
         sp = p if not mix or split not in mix else dataclasses.replace(p, fov_weights=mix[split])
