@@ -100,6 +100,9 @@ def assert_matches_reference(pred, gt, spacing, *, exact_cut=True, hd95=False, r
         for lab, (dsc, nsd22, nsd24, hd) in ref.items():
             s = ours[lab]
             assert s.revision == revision
+            if revision == "2024" and np.any(gt == lab) and not np.any(pred == lab):
+                # FLARE24 scores an empty prediction 0 before its z-cut (FLARE22 cuts first)
+                dsc, nsd24, hd = 0.0, 0.0, (math.inf if hd95 else None)
             want_nsd = nsd22 if revision == "2022" else nsd24
             np.testing.assert_allclose(s.dsc, dsc, atol=1e-12, equal_nan=True,
                                        err_msg=f"DSC label {lab} rev {revision}")
@@ -305,6 +308,131 @@ def test_zcut_option_changes_only_zcut_organs():
     assert same_scores({k: v for k, v in a.items() if k not in (5, 6, 10)},
                        {k: v for k, v in b.items() if k not in (5, 6, 10)})
     assert math.isnan(a[6].dsc) and b[6].dsc == 1.0  # 2x2x1 gt vs 2x2x2 pred cut to 1 slice
+
+
+@pytest.mark.parametrize("lab", [5, 6, 10])
+def test_2024_empty_prediction_scores_zero_before_zcut(lab):
+    # Ground truth of a z-cut organ in a single slice, nothing predicted. FLARE24 checks for
+    # an empty prediction before cutting: DSC = NSD = 0. FLARE22 cuts first and fails (NaN).
+    gt = np.zeros((12, 12, 9), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[3:7, 4:8, 5] = lab
+    gt[1:4, 1:4, 1:4] = 1                      # another organ, predicted, is unaffected
+    pred[1:4, 1:4, 1:5] = 1
+    for hd95 in (False, True):
+        s24 = evaluate_case(pred, gt, (0.8, 0.8, 2.5), revision="2024", hd95=hd95)
+        assert (s24[lab].dsc, s24[lab].nsd) == (0.0, 0.0)
+        assert s24[lab].hd95 == (math.inf if hd95 else None)
+        s22 = evaluate_case(pred, gt, (0.8, 0.8, 2.5), revision="2022", hd95=hd95)
+        assert math.isnan(s22[lab].dsc) and math.isnan(s22[lab].nsd)
+        assert s22[1].dsc == s24[1].dsc > 0.5
+    # without the official slice the organ survives the cut: 0 in both revisions
+    for revision in ("2022", "2024"):
+        s = evaluate_case(pred, gt, (0.8, 0.8, 2.5), revision=revision, exact_official_zcut=False)
+        assert (s[lab].dsc, s[lab].nsd) == (0.0, 0.0)
+    # a non-empty prediction of a single-slice gt still has no official value in either revision
+    pred[3:7, 4:8, 5:7] = lab
+    for revision in ("2022", "2024"):
+        s = evaluate_case(pred, gt, (0.8, 0.8, 2.5), revision=revision)
+        assert math.isnan(s[lab].dsc) and math.isnan(s[lab].nsd)
+
+
+class _OfficialScriptFails(Exception):
+    pass
+
+
+def flare_order_oracle(pred, gt, spacing, year):
+    """{label: (dsc, nsd) or None where the official script raises}: the per-organ order of
+    FLARE22_DSC_NSD_Eval.py (year 2022) and FLARE24/T2andT3_FLARE24_DSC_NSD_Eval.py (year 2024)
+    of github.com/JunMa11/FLARE, on DeepMind's surface_distance (our own transcription)."""
+    out = {}
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore")
+        for organ in ORGANS:
+            i, tol = organ.label, organ.nsd_tolerance_mm
+            n_gt, n_pred = np.sum(gt == i), np.sum(pred == i)
+            if n_gt == 0 and n_pred == 0:
+                out[i] = (1.0, 1.0)
+                continue
+            if n_gt == 0:
+                out[i] = (0.0, 0.0)
+                continue
+            if year == 2024 and n_pred == 0:
+                out[i] = (0.0, 0.0)
+                continue
+            if i in (5, 6, 10):
+                z = np.where(gt == i)[2]
+                g, p = gt[:, :, z.min():z.max()] == i, pred[:, :, z.min():z.max()] == i
+            else:
+                g, p = gt == i, pred == i
+            try:
+                dsc = sd.compute_dice_coefficient(g, p)
+                if year == 2024 and dsc < 0.2:      # NaN < 0.2 is False: goes on and fails
+                    nsd = 0.0
+                else:
+                    dist = sd.compute_surface_distances(g, p, spacing)
+                    nsd = sd.compute_surface_dice_at_tolerance(dist, tol)
+            except ValueError:                       # zero-size array (single-slice gt, cut)
+                out[i] = None
+                continue
+            out[i] = (float(dsc), float(nsd))
+    return out
+
+
+def _random_label_maps(rng, shape=(10, 9, 8)):
+    gt = np.zeros(shape, np.uint8)
+    pred = np.zeros(shape, np.uint8)
+    for lab in rng.permutation(np.arange(1, 14))[: int(rng.integers(4, 10))]:
+        lo = rng.integers(0, np.array(shape) - 1)
+        size = rng.integers(1, 5, size=3)
+        if lab in (5, 6, 10) and rng.random() < 0.5:
+            size[2] = 1                               # single-slice tubular organ
+        hi = np.minimum(lo + size, shape)
+        gt[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = lab
+        mode = rng.choice(["empty", "shift", "same", "elsewhere"], p=[0.3, 0.4, 0.15, 0.15])
+        if mode == "empty":
+            continue
+        if mode == "elsewhere":
+            lo = rng.integers(0, np.array(shape) - 1)
+            hi = np.minimum(lo + rng.integers(1, 4, size=3), shape)
+        elif mode == "shift":
+            d = rng.integers(-1, 2, size=3)
+            lo, hi = np.clip(lo + d, 0, shape), np.clip(hi + d + rng.integers(0, 2, size=3), 0, shape)
+        pred[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = lab
+    if rng.random() < 0.5:                            # a false positive of an absent organ
+        absent = [x for x in range(1, 14) if not np.any(gt == x)]
+        if absent:
+            pred[0:2, 0:2, 0:2] = absent[int(rng.integers(len(absent)))]
+    return pred, gt
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 1.3, 2.5)])
+def test_random_maps_match_official_order_oracle(spacing):
+    rng = np.random.default_rng(2024)
+    seen = {"empty_pred_one_slice": 0, "official_fails": 0, "dsc_below_cut": 0}
+    for _ in range(25):
+        pred, gt = _random_label_maps(rng)
+        for year in (2022, 2024):
+            ref = flare_order_oracle(pred, gt, spacing, year)
+            ours = evaluate_case(pred, gt, spacing, revision=str(year))
+            for lab, want in ref.items():
+                s = ours[lab]
+                if want is None:                      # official script raises: we give NaN
+                    assert math.isnan(s.dsc) and math.isnan(s.nsd), (year, lab, s)
+                    seen["official_fails"] += 1
+                    continue
+                np.testing.assert_allclose(s.dsc, want[0], atol=1e-12, rtol=0,
+                                           err_msg=f"DSC {year} label {lab}")
+                np.testing.assert_allclose(s.nsd, want[1], atol=NSD_ATOL, rtol=0,
+                                           err_msg=f"NSD {year} label {lab}")
+                if year == 2024 and want[0] < 0.2:
+                    seen["dsc_below_cut"] += 1
+            for lab in (5, 6, 10):
+                z = np.where(gt == lab)[2]
+                if year == 2024 and z.size and z.min() == z.max() and not np.any(pred == lab):
+                    seen["empty_pred_one_slice"] += 1
+                    assert ref[lab] == (0.0, 0.0) and (ours[lab].dsc, ours[lab].nsd) == (0.0, 0.0)
+    assert all(n > 0 for n in seen.values()), seen   # the corner cases were exercised
 
 
 def test_labels_subset_and_input_checks():

@@ -23,7 +23,7 @@ def _params(tmp_path, **data_overrides):
     return f
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_conversion_notebook_runs_with_smoke_params(tmp_path):
     run_dir = tmp_path / "run"
     results = run_study(_params(tmp_path), run_dir=run_dir, log=lambda m: None)
@@ -52,7 +52,7 @@ def test_conversion_notebook_runs_with_smoke_params(tmp_path):
     assert not any(c.get("outputs") for c in src["cells"] if c["cell_type"] == "code")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_failing_stage_names_notebook_cell_and_partial_report(tmp_path):
     params = _params(tmp_path, source="flare22", flare22_root=str(tmp_path / "no_such_folder"))
     with pytest.raises(StageFailed) as e:
@@ -91,7 +91,7 @@ def smoke_run(tmp_path_factory):
 MODELS = ["teacher", "teacher_pseudo", "student_labelled_only", "student_selected", "student_all"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_smoke_study_runs_every_stage_and_registers_five_models(smoke_run):
     run_dir, results = smoke_run
     assert [r.name for r in results] == ["convert", "teacher", "pseudo", "select", "student:selected",
@@ -118,7 +118,7 @@ def test_smoke_study_runs_every_stage_and_registers_five_models(smoke_run):
     assert (run_dir / "evaluation" / "efficiency_table.csv").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_index_report_links_stages_and_shows_the_comparison(smoke_run):
     from flare_utils.study.index_report import comparison_table
     run_dir, results = smoke_run
@@ -151,7 +151,7 @@ def overview_folder(run_dir: Path, name: str) -> Path:
     return run_dir / "evaluation" / overview.loc[name, "folder"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_second_run_skips_every_stage_and_changes_nothing(smoke_run):
     run_dir, _ = smoke_run
     stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "notebooks").glob("*.ipynb")}
@@ -166,7 +166,7 @@ def test_second_run_skips_every_stage_and_changes_nothing(smoke_run):
 STAGE_NOTEBOOKS = sorted(p.name for p in (PROJECT / "notebooks").glob("0*.ipynb"))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_every_notebook_opens_on_the_finished_run_by_setting_run_dir_and_rewrites_nothing(smoke_run):
     run_dir, _ = smoke_run
     before = tree_state(run_dir)
@@ -183,7 +183,7 @@ def test_every_notebook_opens_on_the_finished_run_by_setting_run_dir_and_rewrite
     assert not changed, changed
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_copied_run_folder_is_complete_where_it_lies(smoke_run, tmp_path):
     """Paths inside a run are recorded relative to it: a copy elsewhere shows every stage complete
     and its index report, and would re-run nothing."""
@@ -198,6 +198,37 @@ def test_a_copied_run_folder_is_complete_where_it_lies(smoke_run, tmp_path):
     assert all(Path(m["path"]).is_relative_to(copy.resolve()) for m in read_models(copy).values())
 
 
+@pytest.mark.e2e
+def test_deleted_outputs_and_a_killed_runner_show_in_status(smoke_run, tmp_path):
+    """A unit whose folders or registered models were deleted is not complete; a unit left "running"
+    by a killed runner (no live lock holder) reads "interrupted" in status, stages.json and the index."""
+    import shutil
+    from flare_utils.study.runner import study_status
+    run_dir, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    shutil.rmtree(copy / "models")
+    shutil.rmtree(copy / "inference")
+    status = {u: (done, why) for u, done, why in study_status(PROJECT / "params" / "smoke.yaml", run_dir=copy)}
+    assert status["teacher"] == (True, "") and status["select"] == (True, "")
+    for variant in ("labelled_only", "selected", "all"):
+        assert status[f"student:{variant}"] == (False, f"outputs missing: models/student_{variant}")
+    assert status["infer"][0] is False and status["evaluate"][0] is False
+
+    # a runner killed during the evaluation: no marker, stages.json says running, nobody holds the lock
+    copy2 = tmp_path / "run2"
+    shutil.copytree(run_dir, copy2, symlinks=True)
+    (copy2 / ".flare_stages" / "evaluate.json").unlink()
+    stages = json.loads((copy2 / "stages.json").read_text())
+    stages[-1]["status"] = "running"
+    (copy2 / "stages.json").write_text(json.dumps(stages))
+    status = study_status(PROJECT / "params" / "smoke.yaml", run_dir=copy2)
+    assert status[-1] == ("evaluate", False, "interrupted during its last run")
+    assert json.loads((copy2 / "stages.json").read_text())[-1]["status"] == "interrupted"
+    index = (copy2 / "index.html").read_text()
+    assert "interrupted" in index and ">running<" not in index
+
+
 @pytest.mark.parametrize("name", [n for n in STAGE_NOTEBOOKS if not n.startswith("01")])
 def test_stage_notebooks_with_their_defaults_stop_at_once_naming_run_dir(name):
     from nbclient.exceptions import CellExecutionError
@@ -206,7 +237,7 @@ def test_stage_notebooks_with_their_defaults_stop_at_once_naming_run_dir(name):
     assert "FlareInputError" in str(e.value) and "set run_dir" in str(e.value)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_conversion_notebook_runs_on_its_own_in_a_new_folder(tmp_path):
     killed = tmp_path / "standalone" / "nnUNet_raw" / ".Dataset990_FLARE22Smoke.x1y2.partial"   # a killed build
     (killed / "imagesTr").mkdir(parents=True)
@@ -217,7 +248,7 @@ def test_conversion_notebook_runs_on_its_own_in_a_new_folder(tmp_path):
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_from_and_only_rerun_parts_and_staleness_propagates(smoke_run, tmp_path):
     from flare_utils.study.runner import study_status
     run_dir, _ = smoke_run

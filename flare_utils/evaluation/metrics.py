@@ -6,7 +6,9 @@ including its z-cut of aorta, IVC and esophagus that drops the last labelled sli
 NSD re-implements DeepMind's surface-distance algorithm on each organ's bounding box with a fast
 EDT and re-decides distances near the tolerance in float64, so it equals the reference up to float
 summation order. Where the official script would fail (a z-cut organ whose ground truth lies in a
-single slice) DSC and NSD are NaN. HD95 is optional (`hd95=True`): NaN when both masks are empty,
+single slice, with a non-empty prediction; under "2022" also with an empty one) DSC and NSD are NaN.
+Revision "2024" follows the FLARE24 order: a present organ with an empty prediction scores
+DSC = NSD = 0 before any z-cut. HD95 is optional (`hd95=True`): NaN when both masks are empty,
 inf when exactly one is.
 
 Details: docs/reference/metrics.md
@@ -47,7 +49,8 @@ class OrganScore:
     """Scores of one organ in one case.
 
     dsc, nsd: FLARE22 DSC and NSD (NaN only for a single-slice aorta/IVC/esophagus ground truth
-        under the official z-cut, where the official script itself fails).
+        under the official z-cut, where the official script itself fails; under revision "2024"
+        an empty prediction scores 0 there, as the FLARE24 script does).
     hd95: 95th percentile Hausdorff distance in mm, None when not requested (NaN: both empty,
     inf: exactly one empty).
     revision: the FLARE evaluation revision the NSD follows ("2022" or "2024").
@@ -422,7 +425,8 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], *,
 
     pred, gt: integer label maps of the same shape, in nibabel's (i, j, k) voxel order.
     spacing: voxel size in mm along the same axes (nibabel ``header.get_zooms()``).
-    revision: "2022" (NSD always computed) or "2024" (NSD = 0 where DSC < 0.2).
+    revision: "2022" (NSD always computed) or "2024" (NSD = 0 where DSC < 0.2; an empty
+        prediction of an organ present in gt scores 0 before the z-cut).
     labels: organ labels to score (default all 13); labels outside 1..13 in the maps are ignored.
     hd95: also compute DeepMind's 95th percentile Hausdorff distance.
     exact_official_zcut: for aorta, IVC and esophagus, cut with the official slice
@@ -448,6 +452,12 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], *,
         if gbox is None:
             out[lab] = (OrganScore(1.0, 1.0, nan_hd, revision) if pbox is None
                         else OrganScore(0.0, 0.0, inf_hd, revision))
+            continue
+        if pbox is None and revision == "2024":
+            # The FLARE24 scripts score an empty prediction of a present organ 0 BEFORE the
+            # z-cut, so a single-slice aorta/IVC/esophagus gives 0 here, not NaN. (FLARE22 has
+            # no such branch and cuts first; every other case gives 0 / 0 / inf below anyway.)
+            out[lab] = OrganScore(0.0, 0.0, inf_hd, revision)
             continue
         box = _union_box(gbox, pbox)
         if lab in Z_CUT_LABELS:

@@ -3,7 +3,9 @@
 `plan_and_preprocess(dataset_id, variants)` runs nnU-Net v2's own fingerprinting and planner,
 derives one plans file per requested variant (`nnUNetPlans_<variant>.json`, 3d_fullres only:
 `accurate`/`efficient` from the FLARE22 winner's paper, `lowfootprint`, CPU `*_demo` scales) and
-preprocesses each with nnU-Net's preprocessor. The files are ordinary nnU-Net plans, so
+preprocesses each with nnU-Net's preprocessor. nnU-Net's residual-encoder presets (`resenc_m`,
+`resenc_l`, `resenc_xl`) are planned by nnU-Net's own planner classes instead, under nnU-Net's
+identifiers (`nnUNetResEncUNetMPlans`, ...). The files are ordinary nnU-Net plans, so
 `nnUNetv2_train ... -p nnUNetPlans_accurate` and `nnUNetv2_predict` use them unchanged.
 Patch sizes and spacings here are (z, y, x), slice axis first.
 
@@ -36,12 +38,25 @@ __all__ = [
     "PlanVariant", "PLAN_VARIANTS", "DEFAULT_PLANS_IDENTIFIER", "CONFIGURATION",
     "get_variant", "plans_identifier", "make_plan_variant", "skeleton_base_plans",
     "plan_topology", "count_parameters", "plan_and_preprocess", "describe_plans",
-    "verify_preprocessed", "flare22_dataset_json", "load_plans",
+    "verify_preprocessed", "flare22_dataset_json", "load_plans", "resolve_plans_identifier",
+    "NNUNET_PRESETS", "nnunet_planner_class", "plan_nnunet_preset", "skeleton_fingerprint",
 ]
 
 CONFIGURATION = "3d_fullres"
 DEFAULT_PLANS_IDENTIFIER = "nnUNetPlans"
 MIN_FEATURE_MAP_EDGE = 4          # nnU-Net's UNet_featuremap_min_edge_length
+# nnU-Net's residual-encoder presets ("nnU-Net Revisited", 2024): variant name -> (planner class in
+# nnunetv2.experiment_planning, the plans identifier that planner writes by default). The planners
+# target 8 / 24 / 40 GB of GPU memory (their own defaults, which are kept).
+NNUNET_PRESETS: dict[str, tuple[str, str]] = {
+    "resenc_m": ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
+    "resenc_l": ("nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans"),
+    "resenc_xl": ("nnUNetPlannerResEncXL", "nnUNetResEncUNetXLPlans"),
+}
+_FIXED_IDENTIFIERS = {"default": DEFAULT_PLANS_IDENTIFIER, **{n: pid for n, (_, pid) in NNUNET_PRESETS.items()}}
+# PlanVariant fields that derive a plan from nnU-Net's default one (not combinable with `planner`)
+_DERIVATION_FIELDS = ("base_features", "max_features", "feature_scale", "n_conv_per_stage", "n_downsamplings",
+                      "patch_size_zyx", "spacing_zyx", "batch_size")
 SUMMARY_NAME = "flare_plans_summary.json"
 _COMPLETE_MARKER = ".flare_preprocessed_{}.json"   # beside (not in) the data folder: nnU-Net infers
 # the dataset class from the file endings it finds inside
@@ -53,7 +68,12 @@ class PlanVariant:
 
     All geometry is (z, y, x). `feature_scale` multiplies the base plan's features at every stage
     (used by `lowfootprint`); `base_features`/`max_features` instead set features to
-    min(max_features, base_features * 2**stage).
+    min(max_features, base_features * 2**stage). `planner`: the name of an nnU-Net experiment
+    planner class (e.g. "nnUNetPlannerResEncM"); the variant is then that planner's plans as nnU-Net
+    makes them (no derivation fields allowed).
+
+    Plans identifier: `nnUNetPlans_<name>`, except `default` (`nnUNetPlans`) and nnU-Net's presets
+    (NNUNET_PRESETS, e.g. `resenc_m` -> `nnUNetResEncUNetMPlans`, nnU-Net's own name).
     """
     name: str
     description: str = ""
@@ -67,10 +87,20 @@ class PlanVariant:
     batch_size: int | None = None
     reference: str = ""                          # where the recipe comes from
     reported_parameters: float | None = None     # parameter count the paper reports
+    planner: str | None = None                   # nnU-Net experiment planner class that plans this variant
+
+    def __post_init__(self):
+        if self.planner is not None:
+            if not isinstance(self.planner, str) or not self.planner:
+                raise ValueError(f"plan variant {self.name!r}: planner must be the name of an nnU-Net planner class")
+            derived = [f for f in _DERIVATION_FIELDS if getattr(self, f) is not None]
+            if derived:
+                raise ValueError(f"plan variant {self.name!r}: planner {self.planner} plans the whole network; "
+                                 f"{derived} cannot be combined with it")
 
     @property
     def plans_identifier(self) -> str:
-        return DEFAULT_PLANS_IDENTIFIER if self.name == "default" else f"{DEFAULT_PLANS_IDENTIFIER}_{self.name}"
+        return _FIXED_IDENTIFIERS.get(self.name, f"{DEFAULT_PLANS_IDENTIFIER}_{self.name}")
 
     @property
     def is_default(self) -> bool:
@@ -85,6 +115,8 @@ class PlanVariant:
 _TABLE1 = ("Revisiting nnU-Net for Iterative Pseudo Labeling and Efficient Sliding Window Inference "
            "(FLARE22 winner), Table 1")
 _NOISY = "noisy-student FLARE22 paper: low-footprint nnU-Net (half the base features)"
+_REVISITED = ("nnU-Net Revisited (Isensee et al., MICCAI 2024): residual-encoder presets, nnU-Net's "
+              "recommended default")
 
 PLAN_VARIANTS: dict[str, PlanVariant] = {v.name: v for v in (
     PlanVariant("default", "nnU-Net v2 3d_fullres as planned", reference="nnU-Net v2 ExperimentPlanner"),
@@ -102,6 +134,12 @@ PLAN_VARIANTS: dict[str, PlanVariant] = {v.name: v for v in (
     PlanVariant("efficient_demo", "efficient recipe at CPU demo scale", base_features=8, max_features=128,
                 n_conv_per_stage=2, n_downsamplings=3, patch_size_zyx=(24, 48, 64), spacing_zyx=(4.0, 3.0, 3.0),
                 batch_size=2, reference=_TABLE1 + ", scaled down"),
+    PlanVariant("resenc_m", "nnU-Net ResEnc M (residual encoder, ~8 GB GPU target)",
+                planner=NNUNET_PRESETS["resenc_m"][0], reference=_REVISITED),
+    PlanVariant("resenc_l", "nnU-Net ResEnc L (residual encoder, ~24 GB GPU target)",
+                planner=NNUNET_PRESETS["resenc_l"][0], reference=_REVISITED),
+    PlanVariant("resenc_xl", "nnU-Net ResEnc XL (residual encoder, ~40 GB GPU target)",
+                planner=NNUNET_PRESETS["resenc_xl"][0], reference=_REVISITED),
 )}
 
 
@@ -194,6 +232,9 @@ def make_plan_variant(base_plans: Mapping[str, Any], variant: str | PlanVariant,
     the new spacing; without it the base's median size is rescaled.
     """
     v = get_variant(variant)
+    if v.planner is not None:
+        raise FlareInputError(None, f"plan variant {v.name!r} is planned by nnU-Net's {v.planner}, not derived from "
+                                    "base plans: use plan_nnunet_preset (no data) or plan_and_preprocess")
     base = copy.deepcopy(dict(base_plans))
     if CONFIGURATION not in base.get("configurations", {}):
         raise FlareInputError(None, f"base plans have no {CONFIGURATION} configuration "
@@ -305,6 +346,11 @@ def _median_size(base, cfg, fingerprint, spacing, transpose_forward, old_spacing
     return [float(x) for x in np.round(arr_med[transpose_forward] / np.array(spacing))]
 
 
+_SKELETON_CT_INTENSITIES = {"0": {
+    "max": 3071.0, "mean": 100.0, "median": 100.0, "min": -1024.0,
+    "percentile_00_5": -1000.0, "percentile_99_5": 400.0, "std": 100.0}}
+
+
 def skeleton_base_plans(spacing_zyx: Sequence[float] = (2.5, 0.8, 0.8),
                         patch_size_zyx: Sequence[int] = (48, 192, 192),
                         median_shape_zyx: Sequence[int] = (100, 512, 512),
@@ -364,10 +410,86 @@ def skeleton_base_plans(spacing_zyx: Sequence[float] = (2.5, 0.8, 0.8),
         "configurations": {CONFIGURATION: cfg},
         "experiment_planner_used": "flare_utils.planning.plans.skeleton_base_plans",
         "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {"0": {
-            "max": 3071.0, "mean": 100.0, "median": 100.0, "min": -1024.0,
-            "percentile_00_5": -1000.0, "percentile_99_5": 400.0, "std": 100.0}},
+        "foreground_intensity_properties_per_channel": copy.deepcopy(_SKELETON_CT_INTENSITIES),
     }
+
+
+def skeleton_fingerprint(spacing_zyx: Sequence[float] = (2.5, 0.8, 0.8),
+                         median_shape_zyx: Sequence[int] = (100, 512, 512), n_cases: int = 4) -> dict[str, Any]:
+    """An nnU-Net dataset fingerprint (dataset_fingerprint.json) of `n_cases` identical CT scans,
+    made without data: what nnU-Net's planners need to plan a FLARE22-shaped dataset
+    (`plan_nnunet_preset`). Spacing and shape in SimpleITK's (z, y, x) array order."""
+    return {
+        "spacings": [[float(s) for s in spacing_zyx] for _ in range(n_cases)],
+        "shapes_after_crop": [[int(x) for x in median_shape_zyx] for _ in range(n_cases)],
+        "foreground_intensity_properties_per_channel": copy.deepcopy(_SKELETON_CT_INTENSITIES),
+        "median_relative_size_after_cropping": 1.0,
+    }
+
+
+def nnunet_planner_class(name: str) -> type:
+    """nnU-Net's experiment planner class `name`, found the way `nnUNetv2_plan_experiment -pl` finds it."""
+    import nnunetv2
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    cls = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "experiment_planning"), name,
+                                      current_module="nnunetv2.experiment_planning")
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, ExperimentPlanner)):
+        raise FlareInputError(None, f"nnU-Net has no experiment planner class {name!r} (e.g. "
+                                    f"{sorted(p for p, _ in NNUNET_PRESETS.values())})")
+    return cls
+
+
+def _run_nnunet_planner(dataset_name: str, v: PlanVariant, quiet: bool, log_file: Path | None) -> dict[str, Any]:
+    """nnU-Net's planner `v.planner` on a dataset of the nnU-Net folders in force (its fingerprint must
+    exist); writes and returns `<preprocessed>/<plans identifier>.json`. The planner's own GPU memory
+    target is kept (ResEnc M/L/XL: 8/24/40 GB)."""
+    import torch
+    cls = nnunet_planner_class(v.planner)
+    threads = torch.get_num_threads()
+    n_proc_da = os.environ.get("nnUNet_n_proc_DA")       # the VRAM estimate sets torch's threads to it (0 fails)
+    try:
+        with environment(nnUNet_n_proc_DA="1" if n_proc_da is not None and int(n_proc_da) < 1 else n_proc_da), \
+                _quiet(quiet, log_file):
+            planner = cls(dataset_name, plans_name=v.plans_identifier)
+            planner.plan_experiment()
+    finally:
+        torch.set_num_threads(threads)        # nnU-Net's VRAM estimate changes torch's thread count
+    f = nnunet_folders().preprocessed / dataset_name / f"{v.plans_identifier}.json"
+    return json.loads(f.read_text())
+
+
+def plan_nnunet_preset(variant: str | PlanVariant, fingerprint: Mapping[str, Any] | None = None,
+                       dataset_json: Mapping[str, Any] | None = None,
+                       dataset_name: str = "Dataset022_FLARE22", reader: str = "SimpleITKIO") -> dict[str, Any]:
+    """The plans nnU-Net's planner of `variant` (e.g. "resenc_m") makes for a dataset known only by its
+    `fingerprint` (default: `skeleton_fingerprint()`, FLARE22-shaped) and `dataset_json` (default
+    FLARE22's labels), without any image: the planner runs on a scratch copy of nnU-Net's folders.
+    Good for parameter counts and geometry (`count_parameters`, `describe_plans`); real plans come from
+    `plan_and_preprocess`."""
+    import tempfile
+    from flare_utils.layout import RunLayout
+
+    v = get_variant(variant)
+    if v.planner is None:
+        raise FlareInputError(None, f"plan variant {v.name!r} is not planned by an nnU-Net planner class "
+                                    "(use make_plan_variant(skeleton_base_plans(), ...))")
+    fp = dict(fingerprint) if fingerprint is not None else skeleton_fingerprint()
+    n = len(fp["spacings"])
+    dj = dict(dataset_json) if dataset_json is not None else flare22_dataset_json(num_training=n)
+    ending = dj.get("file_ending", ".nii.gz")
+    # the planner needs a file list, not files: name n cases, and name the reader so none is opened
+    dj.update(numTraining=n, overwrite_image_reader_writer=reader, dataset={
+        f"case_{i:04d}": {"images": [f"imagesTr/case_{i:04d}_0000{ending}"], "label": f"labelsTr/case_{i:04d}{ending}"}
+        for i in range(n)})
+    with tempfile.TemporaryDirectory(prefix="flare_plan_preset_") as tmp, RunLayout(tmp).activated() as run:
+        (run.nnunet_raw / dataset_name).mkdir(parents=True)
+        (run.nnunet_preprocessed / dataset_name).mkdir(parents=True)
+        (run.nnunet_raw / dataset_name / "dataset.json").write_text(json.dumps(dj))
+        (run.nnunet_preprocessed / dataset_name / "dataset_fingerprint.json").write_text(json.dumps(fp))
+        plans = _run_nnunet_planner(dataset_name, v, quiet=True, log_file=None)
+    return plans
 
 
 def flare22_dataset_json(file_ending: str = ".nii.gz", num_training: int = 50) -> dict[str, Any]:
@@ -389,7 +511,13 @@ def load_plans(plans: str | Path | Mapping[str, Any], dataset: int | str | None 
         raise FlareInputError(None, f"plans identifier {plans!r} needs a dataset id or name to be found")
     f = nnunet_folders().preprocessed_dataset(dataset) / f"{plans}.json"
     if not f.is_file():
-        raise FlareInputError(f, "plans file not found (run plan_and_preprocess first)")
+        if (plans in PLAN_VARIANTS or plans.startswith(DEFAULT_PLANS_IDENTIFIER)       # a variant's plans, not made yet
+                or plans in _FIXED_IDENTIFIERS.values()):
+            raise FlareInputError(f, "plans file not found (run plan_and_preprocess first)")
+        made = sorted(p.stem for p in f.parent.glob("nnUNet*Plans*.json"))
+        raise FlareInputError(f, f"unknown plans {plans!r}: neither a plan variant (known: {sorted(PLAN_VARIANTS)}; "
+                                 f"a variant's plans are {DEFAULT_PLANS_IDENTIFIER}_<variant>) nor a plans file of "
+                                 "this dataset" + (f" (it has: {made})" if made else ""))
     return json.loads(f.read_text())
 
 
@@ -426,7 +554,11 @@ def count_parameters(plans: str | Path | Mapping[str, Any], dataset_json: Mappin
     n_out = pm.get_label_manager(dj).num_segmentation_heads
     threads = torch.get_num_threads()
     try:
-        net = trainer_cls.build_network_architecture(pm, cm, n_in, n_out, True)
+        try:        # on the meta device: shapes only, no memory and no weight init (100M+ networks in 0.3 s)
+            with torch.device("meta"):
+                net = trainer_cls.build_network_architecture(pm, cm, n_in, n_out, True)
+        except Exception:       # a trainer whose network cannot be built there
+            net = trainer_cls.build_network_architecture(pm, cm, n_in, n_out, True)
     finally:
         torch.set_num_threads(threads)
     return int(sum(p.numel() for p in net.parameters() if p.requires_grad))
@@ -435,13 +567,23 @@ def count_parameters(plans: str | Path | Mapping[str, Any], dataset_json: Mappin
 def describe_plans(plans: str | Path | Mapping[str, Any], configuration: str = CONFIGURATION,
                    dataset: int | str | None = None, with_parameters: bool = True,
                    dataset_json: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The figures of one plan (patch, spacing, stages, features, convs, strides, parameters)."""
+    """The figures of one plan (patch, spacing, stages, features, convs, strides, parameters).
+
+    `network` is the class name (PlainConvUNet, ResidualEncoderUNet); for a ResidualEncoderUNet
+    `n_blocks_per_stage` are its encoder's residual blocks and `n_conv_per_stage` their convolutions
+    (two per block, the stem not counted); for a PlainConvUNet `n_blocks_per_stage` is None."""
     p = load_plans(plans, dataset)
     cfg = p["configurations"][configuration]
     a = cfg["architecture"]["arch_kwargs"]
     strides = np.array(a["strides"])
+    if "n_blocks_per_stage" in a:       # ResidualEncoderUNet: residual blocks of two convolutions each
+        blocks = [int(x) for x in a["n_blocks_per_stage"]]
+        convs = [2 * b for b in blocks]
+    else:
+        blocks, convs = None, [int(x) for x in a["n_conv_per_stage"]]
     d = {
         "plans_identifier": p["plans_name"],
+        "network": cfg["architecture"]["network_class_name"].rsplit(".", 1)[-1],
         "patch_size": [int(x) for x in cfg["patch_size"]],
         "spacing": [float(x) for x in cfg["spacing"]],
         "transpose_forward": p["transpose_forward"],
@@ -450,7 +592,8 @@ def describe_plans(plans: str | Path | Mapping[str, Any], configuration: str = C
         "n_stages": int(a["n_stages"]),
         "n_downsamplings": int(a["n_stages"]) - 1,
         "features_per_stage": [int(x) for x in a["features_per_stage"]],
-        "n_conv_per_stage": [int(x) for x in a["n_conv_per_stage"]],
+        "n_conv_per_stage": convs,
+        "n_blocks_per_stage": blocks,
         "n_conv_per_stage_decoder": [int(x) for x in a["n_conv_per_stage_decoder"]],
         "strides": [[int(y) for y in s] for s in a["strides"]],
         "kernel_sizes": [[int(y) for y in k] for k in a["kernel_sizes"]],
@@ -510,6 +653,19 @@ def _fingerprint_is_current(pre: Path, raw: Path) -> bool:
     return n == n_fp and fp.stat().st_mtime >= newest_raw
 
 
+def _preprocessing_hash(plans: Mapping[str, Any]) -> str:
+    """Hash of what nnU-Net's DefaultPreprocessor reads from a plan (not the network, not the patch,
+    which only sets the storage chunks): plans that agree on it share preprocessed data, as nnU-Net's
+    ResEnc plans share `nnUNetPlans_3d_fullres` with the default plans."""
+    cfg = plans["configurations"][CONFIGURATION]
+    keys = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes", "use_mask_for_norm",
+            "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_seg", "resampling_fn_seg_kwargs")
+    return _json_hash({"transpose_forward": plans.get("transpose_forward"),
+                       "image_reader_writer": plans.get("image_reader_writer"),
+                       "intensities": plans.get("foreground_intensity_properties_per_channel"),
+                       **{k: cfg.get(k) for k in keys}})
+
+
 def _preprocessed_complete(pre: Path, plans: Mapping[str, Any], n_cases: int) -> bool:
     cfg = plans["configurations"][CONFIGURATION]
     folder = pre / cfg["data_identifier"]
@@ -520,8 +676,9 @@ def _preprocessed_complete(pre: Path, plans: Mapping[str, Any], n_cases: int) ->
         info = json.loads(marker.read_text())
     except ValueError:
         return False
-    return (info.get("plans_hash") == _json_hash(plans) and info.get("n_cases") == n_cases
-            and len(list(folder.glob("*.pkl"))) == n_cases)
+    same = (info.get("preprocessing_hash") == _preprocessing_hash(plans) if "preprocessing_hash" in info
+            else info.get("plans_hash") == _json_hash(plans))          # markers written before the hash existed
+    return same and info.get("n_cases") == n_cases and len(list(folder.glob("*.pkl"))) == n_cases
 
 
 def plan_and_preprocess(dataset_id: int | str, variants: Iterable[str | PlanVariant] = ("default",),
@@ -532,7 +689,10 @@ def plan_and_preprocess(dataset_id: int | str, variants: Iterable[str | PlanVari
 
     Runs in-process: nnU-Net's fingerprint extraction (dataset integrity check when `verify`),
     its default `ExperimentPlanner` (writes `nnUNetPlans.json`), then for each variant a derived
-    plans file and nnU-Net's preprocessing of its 3d_fullres configuration. Already complete
+    plans file (or, for a variant with a `planner` such as `resenc_m`, that nnU-Net planner's own
+    plans file) and nnU-Net's preprocessing of its 3d_fullres configuration. Plans whose
+    preprocessing is the same share one data folder, as nnU-Net intends (the ResEnc presets use
+    `nnUNetPlans_3d_fullres`): it is preprocessed once. Already complete
     outputs (same plans, all cases) are kept unless `overwrite`. With `verify` the preprocessed
     geometry is checked (`verify_preprocessed`). nnU-Net's console output goes to
     `<preprocessed>/flare_plan_and_preprocess.log` when `quiet`.
@@ -581,9 +741,11 @@ def plan_and_preprocess(dataset_id: int | str, variants: Iterable[str | PlanVari
 
             out: dict[str, str] = {}
             for v in vs:
-                plans = make_plan_variant(base, v, fingerprint)
                 pid = v.plans_identifier
-                if not v.is_default:
+                if v.planner is not None:          # nnU-Net's own planner class (ResEnc presets)
+                    plans = _run_nnunet_planner(dataset_name, v, quiet=False, log_file=None)   # (output: as above)
+                elif not v.is_default:
+                    plans = make_plan_variant(base, v, fingerprint)
                     _write_json(pre / f"{pid}.json", plans)
                 else:
                     plans = base
@@ -591,7 +753,9 @@ def plan_and_preprocess(dataset_id: int | str, variants: Iterable[str | PlanVari
                     preprocess_dataset(dataset_num, pid, configurations=(CONFIGURATION,),
                                        num_processes=[processes], verbose=False, show_progress_bar=not quiet)
                     data_id = plans["configurations"][CONFIGURATION]["data_identifier"]
-                    _write_json(pre / _COMPLETE_MARKER.format(data_id), {"plans_hash": _json_hash(plans), "n_cases": n_cases})
+                    _write_json(pre / _COMPLETE_MARKER.format(data_id), {
+                        "plans_hash": _json_hash(plans), "preprocessing_hash": _preprocessing_hash(plans),
+                        "n_cases": n_cases})
                 out[v.name] = pid
     finally:
         torch.set_num_threads(threads)

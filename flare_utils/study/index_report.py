@@ -7,7 +7,8 @@ the CSS is inline and there is no JavaScript.
 
 Everything here only *reads* what the stages wrote (params.yaml, provenance.json, stages.json,
 models.json, evaluation/, inference/, selection/, pseudo_labels/report/, learning curves); no
-metric is computed except the comparison table's mean ± std over cases, taken from each
+metric is computed except the comparison table's mean ± std over cases and the paired per-case
+differences with their bootstrap intervals (flare_utils.evaluation.compare), both taken from each
 model's per-case CSV. A run may be partial: a section whose inputs are missing says in one line
 why ("not run in this study", "stage failed: see ..."), and a section whose input cannot be read
 says that, so one broken file never costs the whole page.
@@ -31,7 +32,8 @@ import pandas as pd
 import yaml
 
 from flare_utils.data.io import atomic_write_text
-from flare_utils.data.labels import ORGANS
+from flare_utils.evaluation.compare import (COMPARISONS, LEVEL, MIN_CASES, N_BOOT, PairedDifference, case_scores,
+                                            run_comparisons)
 from flare_utils.layout import RunLayout
 from flare_utils.study.params import STUDENT_VARIANTS
 from flare_utils.semisup.selection import SUMMARY_FILE as SELECTION_SUMMARY
@@ -39,7 +41,7 @@ from flare_utils.study.report import PER_CASE_CSV, quality_per_round_figure, slu
 from flare_utils.study.models import CANONICAL_ORDER as CANONICAL_MODELS
 
 __all__ = ["CANONICAL_MODELS", "COMPARISON_PAIRS", "INDEX_NAME", "StageUnit", "build_index_html",
-           "comparison_findings", "comparison_table", "read_stages", "write_index"]
+           "comparison_findings", "comparison_table", "paired_difference_table", "read_stages", "write_index"]
 
 INDEX_NAME = "index.html"
 # The Table-5 comparison's rows come in CANONICAL_MODELS order; other models follow in file order.
@@ -119,10 +121,13 @@ def read_stages(run_dir: str | Path) -> list[StageUnit]:
 
     The link is the "html" entry when that file exists in the run folder; otherwise the rendered
     notebook beside "notebook" (its .partial.html first for a failed unit). Absolute paths (older
-    runners wrote them) are made relative to the run folder.
+    runners wrote them) are made relative to the run folder. A "running" unit whose runner is gone
+    (no live holder of the run's lock) reads "interrupted".
     """
     run = Path(run_dir)
     entries = _read_json(RunLayout(run).stages_file) or []
+    from flare_utils.study.lock import holder_alive, read_lock
+    runner_alive = holder_alive(read_lock(run))
     if isinstance(entries, dict):          # {"units": [...]} or {unit: {...}}
         entries = entries.get("units") or [{"unit": k, **v} for k, v in entries.items() if isinstance(v, dict)]
     units = []
@@ -130,6 +135,9 @@ def read_stages(run_dir: str | Path) -> list[StageUnit]:
         unit = str(d.get("unit") or d.get("stage") or "?")
         stage = str(d.get("stage") or unit.split(":")[0])
         status = str(d.get("status") or "unknown").lower()
+        message = d.get("message")
+        if status == "running" and not runner_alive:
+            status, message = "interrupted", "the run stopped during this stage (its process is gone)"
         nb = d.get("notebook")
         candidates = [d.get("html")]
         if nb:
@@ -139,7 +147,7 @@ def read_stages(run_dir: str | Path) -> list[StageUnit]:
         report = next((rel for rel in (_inside(run, c) for c in candidates) if rel and (run / rel).is_file()), None)
         seconds = d.get("seconds")
         units.append(StageUnit(unit, stage, status, float(seconds) if seconds is not None else None,
-                               d.get("message"), _inside(run, nb) or (str(nb) if nb else None), report))
+                               message, _inside(run, nb) or (str(nb) if nb else None), report))
     return units
 
 
@@ -163,6 +171,8 @@ def _not_available(units: list[StageUnit], stage: str, what: str, file: str, uni
         text = f"{_e(what)}: not produced, although the stage ran ({_e(file)} is missing)"
     elif any(u.status == "running" for u in mine):
         text = f"{_e(what)}: the stage is running now"
+    elif any(u.status == "interrupted" for u in mine):
+        text = f"{_e(what)}: the stage was interrupted; run the study again to finish it"
     elif any(u.status == "pending" for u in mine):
         text = f"{_e(what)}: not run yet (stage pending)"
     elif any(u.status == "skipped" for u in mine):
@@ -174,15 +184,6 @@ def _not_available(units: list[StageUnit], stage: str, what: str, file: str, uni
 
 # ----------------------------------------------------------------------------------------------
 # the Table-5-like comparison
-
-def _case_scores(per_case: pd.DataFrame, metric: str) -> np.ndarray:
-    """Each case's organ-averaged score (NaN organs skipped; cases without any value dropped)."""
-    cols = [f"{o.flare_key}_{metric}" for o in ORGANS if f"{o.flare_key}_{metric}" in per_case.columns]
-    if not cols:
-        return np.array([])
-    values = per_case[cols].apply(pd.to_numeric, errors="coerce").astype(np.float64)
-    return values.mean(axis=1, skipna=True).dropna().to_numpy()
-
 
 def _mean_std(v: np.ndarray) -> tuple[float, float]:
     return (float(v.mean()), float(v.std(ddof=0))) if len(v) else (math.nan, math.nan)
@@ -235,7 +236,7 @@ def comparison_table(run_dir: str | Path) -> pd.DataFrame:
             per_case = pd.read_csv(folder / PER_CASE_CSV)
             row["cases"] = len(per_case)
             for metric in ("DSC", "NSD"):
-                row[f"{metric} mean"], row[f"{metric} std"] = _mean_std(_case_scores(per_case, metric))
+                row[f"{metric} mean"], row[f"{metric} std"] = _mean_std(case_scores(per_case, metric).to_numpy())
         elif ov is not None:
             row["cases"] = int(ov.get("cases", 0) or 0)
             row["DSC mean"] = float(ov.get("mean DSC", math.nan))
@@ -283,6 +284,61 @@ def comparison_findings(table: pd.DataFrame) -> list[str]:
             text += f"; the DSC difference is smaller than the spread over cases (std up to {max(stds):.3f})"
         out.append(text + ".")
     return out
+
+
+PAIRED_COLUMNS = ["comparison", "metric", "difference [95 % CI]", "cases", "verdict"]
+PAIRED_SEED = 0          # the bootstrap's seed: the same run folder always gives the same intervals
+PAIRED_CAPTION = (
+    "Each difference is the mean, over the held-out cases both models were scored on, of the per-case "
+    "difference of the organ-averaged score (first model minus second), with its {level:.0%} confidence "
+    "interval from a bootstrap over cases (expanded percentiles) ({n_boot} draws, seed {seed}); a difference whose "
+    "interval holds 0 is not distinguishable from zero at this scale."
+).format(level=LEVEL, n_boot=f"{N_BOOT:,}".replace(",", "\u00a0"), seed=PAIRED_SEED).replace("%", "\u00a0%")
+
+
+def _signed(x: float, zero: str = "±") -> str:
+    """A difference with its sign and 3 decimals; `zero` + 0.000 when it rounds to zero (± as _diff)."""
+    if not math.isfinite(x):
+        return "n/a"
+    d = round(x, 3)
+    return f"{'+' if d > 0 else '-' if d < 0 else zero}{abs(d):.3f}"
+
+
+def paired_difference_table(run_dir: str | Path, titles: dict[str, str] | None = None) -> pd.DataFrame:
+    """The paired differences the index shows under the Table-5 comparison.
+
+    One row per comparison of flare_utils.evaluation.compare.COMPARISONS and metric (DSC, then NSD)
+    whose two models were both scored on at least one common held-out case, in COMPARISONS order.
+    Columns (PAIRED_COLUMNS): comparison (the question, then both models by title), metric, the mean
+    per-case difference with its bootstrap interval ("+0.012 [-0.004, +0.027]", 3 decimals), cases,
+    and the verdict: "not distinguishable from zero" when the interval holds 0, otherwise "above
+    zero" / "below zero" followed by whether that is the papers' direction.
+    """
+    titles = titles if titles is not None else _titles(Path(run_dir))
+    found = run_comparisons(run_dir, ("DSC", "NSD"), n_boot=N_BOOT, seed=PAIRED_SEED)
+    if found.empty:
+        return pd.DataFrame(columns=PAIRED_COLUMNS)
+    order = {(c.model, c.baseline): i for i, c in enumerate(COMPARISONS)}
+    found = found[found["cases"] > 0]
+    found = found.assign(_pair=[order.get((m, b), len(order)) for m, b in zip(found["model"], found["baseline"])],
+                         _metric=[0 if m == "DSC" else 1 for m in found["metric"]])
+    rows = []
+    for _, row in found.sort_values(["_pair", "_metric"], kind="stable").iterrows():
+        d = PairedDifference(int(row["cases"]), float(row["difference"]), float(row["ci_low"]),
+                             float(row["ci_high"]))
+        bounded = math.isfinite(d.low) and math.isfinite(d.high)
+        interval = (f"[{_signed(d.low, '')}, {_signed(d.high, '')}]" if bounded else
+                    f"[no interval from fewer than {MIN_CASES} cases]")
+        sign = d.sign()
+        verdict = (f"too few cases to tell (fewer than {MIN_CASES})" if d.too_few_cases else
+                   "not distinguishable from zero" if sign == 0
+                   else f"{'above' if sign > 0 else 'below'} zero, {row['verdict']}")
+        model, baseline = str(row["model"]), str(row["baseline"])
+        rows.append({"comparison": f"{row['question']} ({titles.get(model, model)} vs "
+                                   f"{titles.get(baseline, baseline)})",
+                     "metric": str(row["metric"]), "difference [95 % CI]": f"{_signed(d.mean)} {interval}",
+                     "cases": d.n_cases, "verdict": verdict})
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,7 +498,22 @@ def _section_comparison(r: _Run) -> str:
     return (_table(shown, index=False)
             + "<p class=\"sub\">Mean ± std over held-out cases of each case's organ-averaged score "
               "(population std).</p>"
-            + f'<ul class="findings">{lines}</ul>')
+            + f'<ul class="findings">{lines}</ul>'
+            + _paired_differences(r))
+
+
+def _paired_differences(r: _Run) -> str:
+    """The paired-difference table with its one-sentence explanation; nothing when no two compared
+    models were both evaluated (the findings above already say so)."""
+    try:
+        paired = paired_difference_table(r.root, r.titles)
+    except Exception as err:  # noqa: BLE001 - the Table-5 comparison above stays readable
+        return (f'<p class="missing">Paired differences over held-out cases: could not be computed '
+                f"({_e(type(err).__name__)}: {_e(err)})</p>")
+    if paired.empty:
+        return ""
+    return ("<h3>Paired differences over held-out cases</h3>"
+            f'<p class="caption">{_e(PAIRED_CAPTION)}</p>' + _plain_table(paired, index=False))
 
 
 def _renamed(df: pd.DataFrame, titles: dict[str, str]) -> pd.DataFrame:

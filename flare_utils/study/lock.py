@@ -13,31 +13,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from flare_utils.errors import FlareInputError
+from flare_utils.utilities.processes import pid_alive
 
 LOCK_NAME = ".flare_lock"
 
 
 def lock_path(run_root: Path) -> Path:
     return Path(run_root) / LOCK_NAME
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:       # exists, owned by someone else
-        return True
-    # a zombie (exited, not yet reaped) is dead for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-    except (OSError, IndexError):
-        pass
-    return True
 
 
 def read_lock(run_root: Path) -> dict | None:
@@ -54,7 +36,7 @@ def holder_alive(info: dict | None) -> bool:
     if info.get("host") != socket.gethostname():
         return True
     try:
-        return _pid_alive(int(info.get("pid", -1)))
+        return pid_alive(int(info.get("pid", -1)))
     except (TypeError, ValueError):
         return False
 

@@ -79,6 +79,8 @@ def open_stage(stage: str, given: Mapping[str, Any], *, variant: str | None = No
     files (`show_only`), unless a value in `output_keys` (e.g. `out_dir`) sends the outputs to another
     folder; a changed setting without such a folder is refused, so a finished run is never silently
     rewritten."""
+    from flare_utils.utilities.processes import guard_kernel_process_group
+    guard_kernel_process_group()         # in a kernel: its workers die with it or with the runner
     run = resolve_run_dir(given.get("run_dir"), stage)
     values = _given(given)
     if not run.params_file.is_file() and new_run_params is not None:

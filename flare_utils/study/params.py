@@ -1,7 +1,10 @@
 """Typed, validated study parameters (the YAML files in params/).
 
 A params file describes a whole run. Every section is a dataclass; loading rejects unknown keys
-and wrong types with the key's full path, so a typo never silently falls back to a default.
+and wrong types with the key's full path, so a typo never silently falls back to a default. Then
+the values are checked as a whole (`flare_utils.study.params_checks.check_params`: budgets, folds,
+plan names, selection rules, what the listed stages need) and keys given twice are refused, so `flare-study run` and `status`
+stop at once with every problem of the file, each naming its key and what is allowed.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from flare_utils.distributed.cluster import ClusterParams
 from flare_utils.errors import FlareInputError
 from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
 from flare_utils.utilities.typed import from_dict
@@ -167,26 +171,84 @@ class StudyParams:
     student: StudentParams = field(default_factory=StudentParams)
     inference: InferenceParams = field(default_factory=InferenceParams)
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)
+    cluster: ClusterParams = field(default_factory=ClusterParams)   # where per-case work runs (Dask)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def load_params(path: str | Path | Mapping[str, Any], overrides: dict[str, Any] | None = None) -> StudyParams:
-    """Read and validate a params YAML (or the same as a mapping); `overrides` (top-level keys) win."""
+    """Read and validate a params YAML (or the same as a mapping); `overrides` (top-level keys) win.
+
+    Every problem found (keys given twice, then unknown keys / wrong types, else the values'
+    problems of `check_params`) is reported together in one FlareInputError."""
+    where: Path | None = None
+    problems: list[str] = []
     if isinstance(path, Mapping):
-        return from_dict(StudyParams, {**path, **(overrides or {})})
-    path = Path(path)
-    if not path.is_file():
-        raise FlareInputError(path, "params file not found")
+        raw = {**path, **(overrides or {})}
+    else:
+        where = Path(path)
+        if not where.is_file():
+            raise FlareInputError(where, "params file not found")
+        try:
+            raw, problems = _read_yaml(where)
+        except yaml.YAMLError as e:
+            raise FlareInputError(where, f"not valid YAML: {e}") from e
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise FlareInputError(where, "top level must be a mapping of keys to values")
+        raw.update(overrides or {})
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise FlareInputError(path, f"not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise FlareInputError(path, "top level must be a mapping of keys to values")
-    raw.update(overrides or {})
-    try:
-        return from_dict(StudyParams, raw)
+        params = from_dict(StudyParams, raw)
     except FlareInputError as e:
-        raise FlareInputError(path, e.problem) from None
+        raise _problems_error(where, [*problems, e.problem]) from None
+    from flare_utils.study.params_checks import check_params
+    problems += check_params(params)
+    if problems:
+        raise _problems_error(where, problems)
+    return params
+
+
+def _problems_error(where: Path | None, problems: list[str]) -> FlareInputError:
+    if len(problems) == 1:
+        return FlareInputError(where, problems[0])
+    return FlareInputError(where, f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: keys given twice are problems too
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader recording every key given twice in one mapping (PyYAML itself keeps the
+    last value without a word). Merge keys (`<<: *anchor`) may be overridden as YAML intends."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first_line:
+                        self.duplicates.append(f"line {line}: key {key!r} given twice in one mapping (first on line "
+                                               f"{first_line[key]}); YAML would keep only the last one: remove one")
+                    else:
+                        first_line[key] = line
+                except TypeError:       # an unhashable key: the base class reports it
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> tuple[Any, list[str]]:
+    """(the YAML's data, its duplicate keys)."""
+    loader = _UniqueKeyLoader(path.read_text())
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()

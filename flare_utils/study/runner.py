@@ -101,7 +101,9 @@ def _pseudo_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     return {**_common(p, run), "dataset_id": p.data.dataset_id, "plans": plans, "teacher_trainer": t.trainer,
             "rounds": q.rounds, "folds": t.folds, "tta": q.tta, "retrain_epochs": q.retrain_epochs,
             "retrain_iterations": q.retrain_iterations, "retrain_folds": q.retrain_folds, "retrain_config": retrain,
-            "max_cases": q.max_cases, "processes": p.data.processes, "torch_threads": q.num_threads}
+            "max_cases": q.max_cases, "processes": p.data.processes, "torch_threads": q.num_threads,
+            # only when set: an in-process study's parameters (and its completion key) stay as they were
+            **({"cluster": dataclasses.asdict(p.cluster)} if p.cluster.type != "local" else {})}
 
 
 def _select_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
@@ -224,15 +226,78 @@ def _read_marker(run: RunLayout, unit: Unit) -> dict[str, Any] | None:
         return None
 
 
+def unit_outputs(unit: Unit, p: StudyParams, run: RunLayout) -> list[Path]:
+    """The folders a unit writes; a complete unit needs them back (deleting one makes it run again)."""
+    if unit.stage == "convert":
+        return [run.conversion, _raw_dataset(p, run)]
+    if unit.stage == "student":
+        return [run.student(unit.name.split(":", 1)[1])]
+    return [{"teacher": run.teacher, "pseudo": run.pseudo_labels, "select": run.selection,
+             "infer": run.inference, "evaluate": run.evaluation}[unit.stage]]
+
+
+def _missing_outputs(run: RunLayout, marker: dict[str, Any]) -> list[str]:
+    """What a unit's marker lists (its folders, the models it registered) and is gone now."""
+    missing = [o for o in marker.get("outputs", []) if not run.resolve(o).exists()]
+    if marker.get("models"):
+        from flare_utils.study.models import read_models
+        try:
+            models = read_models(run.root)
+        except FlareInputError:
+            models = {}
+        for name in marker["models"]:
+            m = models.get(name)
+            if m is None:
+                missing.append(f"model '{name}' in {run.models_file.name}")
+                continue
+            path = Path(m["path"])
+            if not all((path / f"fold_{f}" / "checkpoint_final.pth").is_file() for f in m.get("folds", [])):
+                missing.append(run.stored(path))
+    return missing
+
+
+def last_recorded_status(run: RunLayout, unit_name: str) -> tuple[str | None, str | None]:
+    """(status, message) of `unit_name` in stages.json; a "running" unit whose runner is gone (no live
+    holder of the run's lock, e.g. after a SIGKILL) reads "interrupted"."""
+    try:
+        entries = json.loads(run.stages_file.read_text())
+    except (OSError, ValueError):
+        return None, None
+    entry = next((e for e in entries if isinstance(e, dict) and e.get("unit") == unit_name), None) \
+        if isinstance(entries, list) else None
+    if entry is None:
+        return None, None
+    status, message = entry.get("status"), entry.get("message")
+    if status == "running" and not runner_alive(run):
+        return "interrupted", "the run stopped during this stage (its process is gone)"
+    return status, message
+
+
+def runner_alive(run: RunLayout) -> bool:
+    """Whether a live process holds the run's lock (a runner is writing it now)."""
+    from flare_utils.study.lock import holder_alive, read_lock
+    return holder_alive(read_lock(run.root))
+
+
 def completion(run: RunLayout, unit: Unit, parameters: dict[str, Any], not_before: float) -> tuple[bool, str]:
     """(complete?, why not) for a unit given its parameters and the finish time of the units before it."""
     m = _read_marker(run, unit)
     if m is None:
+        status, message = last_recorded_status(run, unit.name)
+        if status == "running":
+            return False, "running now"
+        if status == "interrupted":
+            return False, "interrupted during its last run"
+        if status == "failed":
+            return False, "failed in its last run" + (f": {message.splitlines()[0]}" if message else "")
         return False, "not run yet"
     if m.get("parameters_hash") not in (_hash(parameters, run), _hash(parameters)):   # (markers before 2026-12)
         return False, "parameters changed"
     if not (run.notebooks / unit.output).is_file():
         return False, "executed notebook missing"
+    missing = _missing_outputs(run, m)
+    if missing:
+        return False, "outputs missing: " + ", ".join(missing)
     if float(m.get("finished", 0)) < not_before:
         return False, "an earlier stage ran again"
     return True, ""
@@ -455,9 +520,12 @@ class RunLog:
 
 
 def run_unit(unit: Unit, parameters: dict[str, Any], run: RunLayout, *, kernel_name: str = "python3",
-             log: Callable[[str], None] = print, progress_stream: TextIO | None = None) -> StageResult:
-    """Execute one unit's notebook into `<run>/notebooks/` and render it; write its marker."""
+             log: Callable[[str], None] = print, progress_stream: TextIO | None = None,
+             outputs: Iterable[Path] = ()) -> StageResult:
+    """Execute one unit's notebook into `<run>/notebooks/` and render it; write its marker, which
+    lists `outputs` (the unit's folders) and the models the unit registered."""
     import papermill as pm
+    from flare_utils.study.models import read_models
     from papermill.exceptions import PapermillExecutionError
 
     run.notebooks.mkdir(parents=True, exist_ok=True)
@@ -468,6 +536,7 @@ def run_unit(unit: Unit, parameters: dict[str, Any], run: RunLayout, *, kernel_n
     marker.unlink(missing_ok=True)           # from here on the unit is not complete
     progress_file = run.progress_file
     progress_file.parent.mkdir(parents=True, exist_ok=True)
+    models_before = read_models(run.root)
     t0 = time.perf_counter()
     log(f"[{unit.name}] running {unit.notebook}" + (f" -> {unit.output}" if unit.output != unit.notebook else ""))
     try:     # the kernel inherits nnU-Net's folders and the progress file
@@ -488,9 +557,11 @@ def run_unit(unit: Unit, parameters: dict[str, Any], run: RunLayout, *, kernel_n
     if stale.exists():
         stale.unlink()
     seconds = time.perf_counter() - t0
+    registered = [n for n, m in read_models(run.root).items() if models_before.get(n) != m]
     marker.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps({"unit": unit.name, "notebook": unit.output, "finished": time.time(),
                                           "seconds": round(seconds, 2), "parameters_hash": _hash(parameters, run),
+                                          "outputs": [run.stored(o) for o in outputs], "models": registered,
                                           "parameters": parameters}, indent=1, default=str))
     log(f"[{unit.name}] done in {seconds:.1f} s -> {html}")
     return StageResult(unit.name, "done", seconds, out, html, stage=unit.stage)
@@ -523,6 +594,7 @@ def study_status(params_path: str | Path | Mapping[str, Any], *, run_dir: str | 
     overrides = {"run_dir": str(run_dir)} if run_dir is not None else None
     params = load_params(params_path, overrides)
     run = RunLayout(Path(params.run_dir).resolve())
+    settle_killed_run(run)
     out, not_before, chain_ok = [], 0.0, True
     for unit in plan_units(params, run):
         try:
@@ -540,6 +612,27 @@ def study_status(params_path: str | Path | Mapping[str, Any], *, run_dir: str | 
             chain_ok = False
         out.append((unit.name, done, why))
     return out
+
+
+def settle_killed_run(run: RunLayout) -> bool:
+    """After a runner was killed (SIGKILL, power loss), stages.json and index.html still say "running":
+    when no live process holds the run's lock, record those units as interrupted and rewrite the index
+    report. True when something was rewritten."""
+    try:
+        entries = json.loads(run.stages_file.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(entries, list) or not any(isinstance(e, dict) and e.get("status") == "running"
+                                                for e in entries) or runner_alive(run):
+        return False
+    for e in entries:
+        if isinstance(e, dict) and e.get("status") == "running":
+            e["status"], e["message"] = "interrupted", "the run stopped during this stage (its process is gone)"
+    atomic_write_text(run.stages_file, json.dumps(entries, indent=2))
+    if run.index_html.is_file():
+        from flare_utils.study.index_report import write_index
+        write_index(run.root)
+    return True
 
 
 def run_study(params_path: str | Path | Mapping[str, Any], *, run_dir: str | Path | None = None, start_from: str | None = None,
@@ -608,7 +701,8 @@ def _run_locked(params: StudyParams, run: RunLayout, start: list[str], only_l: l
             _write_status(run, results)
             handler = rlog.capture_papermill()
             try:
-                results[i] = run_unit(unit, parameters, run, log=rlog, progress_stream=progress_stream)
+                results[i] = run_unit(unit, parameters, run, log=rlog, progress_stream=progress_stream,
+                                      outputs=unit_outputs(unit, params, run))
             except StageFailed as e:
                 results[i] = StageResult(unit.name, "failed", None, e.notebook, e.html, e.detail, stage=unit.stage)
                 rlog(f"[{unit.name}] FAILED: {e}")
