@@ -353,3 +353,116 @@ def test_quality_per_round_is_drawn_from_the_per_case_qualities(tmp_path, png):
     pseudo = page[page.index('id="pseudo"'):page.index('id="overlays"')]
     assert "data:image/png;base64," in pseudo and "95 % confidence interval" in pseudo
     assert "<th>mean DSC</th>" in pseudo and "round 2" in pseudo
+
+
+# ----------------------------------------------------------------------------------------------
+# paired differences with bootstrap intervals (flare_utils.evaluation.compare)
+
+PAIRED_NAMES = [f"case_{i:04d}.nii.gz" for i in range(10)]
+PAIRED_BASE = np.array([0.70 + 0.02 * i for i in range(10)])
+# Per-case shifts over the base. Two-valued differences have binomial bootstrap intervals: with
+# values x (5 cases) and y (5 cases) a resampled mean is y + (x - y) k / 10, k ~ Bin(10, 1/2), whose
+# 2.5 % and 97.5 % quantiles are k = 2 and k = 8 (P(k <= 1) = 1.1 %, P(k <= 2) = 5.5 %).
+PAIRED_SHIFTS = {
+    "teacher": np.zeros(10),
+    "teacher_pseudo": np.tile([0.04, -0.02], 5),      # +0.010 [-0.014, +0.034]: noise only
+    "student_labelled_only": np.zeros(10),
+    "student_selected": np.tile([0.03, 0.05], 5),     # +0.040 [+0.032, +0.048] over labelled only
+    "student_all": -np.tile([0.03, 0.05], 5),         # -0.040 [-0.048, -0.032] over labelled only
+}
+
+
+def paired_run(root: Path, models: dict[str, np.ndarray] = PAIRED_SHIFTS) -> Path:
+    """A run folder with models.json and the evaluate stage's overview.csv and per-case CSVs only."""
+    write(root / "models.json", json.dumps({name: {"title": TITLES[name]} for name in models}))
+    ev = root / "evaluation"
+    rows = []
+    for name, shift in models.items():
+        scores = list(PAIRED_BASE + shift)
+        df = per_case(scores, NSD_OFFSET)
+        df["Name"] = PAIRED_NAMES
+        write(ev / report.slug(name) / "metrics_per_case.csv", df.to_csv(index=False))
+        rows.append({"set": name, "cases": 10, "mean DSC": float(np.mean(scores)),
+                     "mean NSD": float(np.mean(scores)) - NSD_OFFSET, "revision": "2022",
+                     "folder": report.slug(name)})
+    write(ev / "overview.csv", pd.DataFrame(rows).set_index("set").to_csv())
+    return root
+
+
+def paired_row(comparison: str, metric: str, difference: str, cases: int, verdict: str) -> str:
+    """A regular expression for one row of the paired-difference table as the page shows it."""
+    cells = [comparison, metric, difference, str(cases), verdict]
+    return r"<tr>\s*<td>" + r"</td>\s*<td>".join(re.escape(c) for c in cells) + r"</td>\s*</tr>"
+
+
+def comparison_section(page: str) -> str:
+    return page[page.index('id="comparison"'):page.index('id="organs"')]
+
+
+def test_paired_differences_with_intervals_and_verdicts(tmp_path):
+    run = paired_run(tmp_path / "run")
+    table = index_report.paired_difference_table(run)
+    assert list(table.columns) == index_report.PAIRED_COLUMNS
+    assert len(table) == 8                               # 4 comparisons x (DSC, NSD), in COMPARISONS order
+    assert list(table["metric"]) == ["DSC", "NSD"] * 4
+    assert list(table["cases"]) == [10] * 8
+
+    section = comparison_section(index_report.build_index_html(run))
+    assert "<h3>Paired differences over held-out cases</h3>" in section
+    assert ("bootstrap over cases (expanded percentiles) (10\u00a0000 draws, seed 0); a difference whose interval holds 0 "
+            "is not distinguishable from zero at this scale.") in section
+    teacher = f"pseudo labels improve the teacher ({TITLES['teacher_pseudo']} vs {TITLES['teacher']})"
+    selected = (f"selected pseudo labels improve the student ({TITLES['student_selected']} vs "
+                f"{TITLES['student_labelled_only']})")
+    sel_all = (f"selecting pseudo labels beats using all of them ({TITLES['student_selected']} vs "
+               f"{TITLES['student_all']})")
+    all_lab = (f"all pseudo labels improve the student ({TITLES['student_all']} vs "
+               f"{TITLES['student_labelled_only']})")
+    for metric in ("DSC", "NSD"):      # NSD = DSC - 0.05 in every cell: the same differences
+        # (ii) noise only: the interval holds 0
+        assert re.search(paired_row(teacher, metric, "+0.010 [-0.014, +0.034]", 10,
+                                    "not distinguishable from zero"), section)
+        # (i) clear differences, in and against the papers' direction
+        assert re.search(paired_row(selected, metric, "+0.040 [+0.032, +0.048]", 10,
+                                    "above zero, as in the papers"), section)
+        assert re.search(paired_row(sel_all, metric, "+0.080 [+0.064, +0.096]", 10,
+                                    "above zero, as in the papers"), section)
+        assert re.search(paired_row(all_lab, metric, "-0.040 [-0.048, -0.032]", 10,
+                                    "below zero, opposite to the papers"), section)
+
+
+def test_paired_differences_of_the_full_run(tmp_path, png):
+    # Teacher with pseudo labels minus teacher: 0, -0.05, -0.05, 0 on the 4 cases; selected student
+    # minus labelled-only student: +0.10 on every case (case 0 without its liver). Four cases are
+    # too few for an interval (compare.MIN_CASES): the mean only, and no verdict.
+    # student_all has no per-case CSV, so its comparisons are not made.
+    section = comparison_section(index_report.build_index_html(full_run(tmp_path / "run", png)))
+    assert re.search(paired_row(f"pseudo labels improve the teacher ({TITLES['teacher_pseudo']} vs "
+                                f"{TITLES['teacher']})", "DSC", "-0.025 [no interval from fewer than 5 cases]", 4,
+                                "too few cases to tell (fewer than 5)"), section)
+    assert re.search(paired_row(f"selected pseudo labels improve the student ({TITLES['student_selected']} vs "
+                                f"{TITLES['student_labelled_only']})", "DSC",
+                                "+0.100 [no interval from fewer than 5 cases]", 4,
+                                "too few cases to tell (fewer than 5)"), section)
+    paired = section[section.index("Paired differences"):]
+    assert paired.count("<tr>") == 4 and "using all of them" not in paired    # body rows: 2 comparisons x 2
+
+
+def test_paired_differences_need_two_compared_models(tmp_path):
+    run = paired_run(tmp_path / "run", {"teacher": PAIRED_SHIFTS["teacher"],
+                                         "student_selected": PAIRED_SHIFTS["student_selected"]})
+    assert index_report.paired_difference_table(run).empty
+    section = comparison_section(index_report.build_index_html(run))
+    assert "No pair of models to compare" in section and "Paired differences" not in section
+
+
+def _raise_key_error(*a, **kw):
+    raise KeyError("folder")
+
+
+def test_unreadable_paired_input_costs_only_the_paired_table(tmp_path, monkeypatch):
+    run = paired_run(tmp_path / "run")
+    monkeypatch.setattr(index_report, "run_comparisons", _raise_key_error)
+    section = comparison_section(index_report.build_index_html(run))
+    assert "0.790 ± 0.057" in section                 # the Table-5 comparison is still there
+    assert "Paired differences over held-out cases: could not be computed (KeyError" in section

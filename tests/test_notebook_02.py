@@ -75,7 +75,7 @@ def test_notebook_is_stored_clean():
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_teacher_outputs(executed):
     run_dir, out_nb, cases = executed
     out = run_dir / "teacher"
@@ -139,7 +139,7 @@ def test_teacher_outputs(executed):
         "nnUNet_results/Dataset512_TeacherTiny/FlareTeacherTrainer__nnUNetPlans_teachertest__3d_fullres"   # run-relative
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_finished_run_is_shown_not_retrained(executed):
     """Opened by hand with only run_dir on a run whose teacher stage is complete (params.yaml + the runner's
     marker): the notebook shows the stage's files and trains nothing; a changed setting is refused."""
@@ -175,7 +175,7 @@ def test_finished_run_is_shown_not_retrained(executed):
             p.unlink(missing_ok=True)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_rerun_with_transfer_batch_size_and_fold_all(executed):
     """Re-run in the same run folder: preprocessed data and split reused; transfer init from fold 0 with a frozen
     stage, Dice loss, no mirroring, batch size 3 (a plans copy), nnU-Net's fold "all", no final validation."""

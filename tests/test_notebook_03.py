@@ -46,7 +46,7 @@ def executed(tmp_path_factory):
     return run_dir, teacher, out_nb
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_rounds_and_retrained_model(executed):
     from flare_utils.semisup.selection_file import read_selection_file
     run_dir, teacher, _ = executed
@@ -68,7 +68,7 @@ def test_rounds_and_retrained_model(executed):
     assert list(sel.cases) == cases and sel.labels_folder == pseudo.round_dir(run_dir, 1).resolve()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_report_tables_and_figures(executed):
     run_dir, _, out_nb = executed
     out = run_dir / "pseudo_labels" / "report"

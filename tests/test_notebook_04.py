@@ -57,7 +57,7 @@ def executed(tmp_path_factory):
     return run_dir, out_nb
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_scores_and_selection_file(executed):
     from flare_utils.semisup.selection_file import read_selection_file
     run_dir, _ = executed
@@ -78,7 +78,7 @@ def test_scores_and_selection_file(executed):
     assert summary["n_selected"] == len(selected) and summary["rule"]["threshold"] == 0.1
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_stable_cases_have_better_pseudo_labels(executed):
     run_dir, _ = executed
     stats = json.loads((run_dir / "selection" / "selection_vs_truth.json").read_text())
@@ -87,7 +87,7 @@ def test_stable_cases_have_better_pseudo_labels(executed):
     assert stats["mean_quality_selected"] > stats["mean_quality_rejected"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_figures(executed):
     run_dir, out_nb = executed
     out = run_dir / "selection"

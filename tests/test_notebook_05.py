@@ -57,7 +57,7 @@ def test_notebook_is_stored_clean():
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_noisy_student_recipe_outputs(executed):
     run_dir, out_nb, _ = executed
     out = run_dir / "student_training" / "selected"          # variant from the selection file
@@ -109,7 +109,7 @@ def test_noisy_student_recipe_outputs(executed):
     assert r.cv_dice is not None and set(r.cv_dice["stage"]) == {"student", "finetune"}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_finished_run_is_shown_not_retrained(executed):
     """Opened by hand with only run_dir on a run whose student stage is complete (params.yaml + the runner's
     marker): the notebook shows the run's study student (its first variant) from its files and trains nothing."""

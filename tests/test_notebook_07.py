@@ -86,7 +86,7 @@ def executed(cases):
     return run_dir / "evaluation", out_nb
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_per_set_outputs_and_summary_values(executed):
     ev, _ = executed
     perfect = json.loads((ev / "labelled-only" / "summary.json").read_text())
@@ -101,7 +101,7 @@ def test_per_set_outputs_and_summary_values(executed):
     assert csv["Spleen_DSC"].min() == 1.0
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_organ_tables_overview_and_pictures(executed):
     ev, _ = executed
     dsc = pd.read_csv(ev / "organ_table_DSC.csv", index_col=0)
@@ -127,7 +127,7 @@ def test_organ_tables_overview_and_pictures(executed):
     assert eff.loc["labelled only", "time (s)"] == 12.5
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_executed_notebook_states_revision_and_shows_figures(executed):
     _, out_nb = executed
     nb = nbformat.read(str(out_nb), as_version=4)
@@ -173,7 +173,7 @@ def finished_run(cases):
     return run_dir
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_stage_takes_the_runs_prediction_sets_and_timing_files(finished_run):
     ev = finished_run / "evaluation"
     overview = pd.read_csv(ev / "overview.csv", index_col=0)
@@ -184,7 +184,7 @@ def test_stage_takes_the_runs_prediction_sets_and_timing_files(finished_run):
     assert not list(finished_run.glob(".evaluation*"))         # no temporary folder left
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_finished_run_is_shown_from_its_files_and_nothing_is_rewritten(finished_run):
     before = tree_state(finished_run)
     out_nb = finished_run.parent / "07_show.ipynb"
@@ -199,7 +199,7 @@ def test_finished_run_is_shown_from_its_files_and_nothing_is_rewritten(finished_
     assert sum("image/png" in o.get("data", {}) for o in outs) >= 4
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_finished_run_refuses_other_settings_without_replace(finished_run):
     before = tree_state(finished_run)
     with pytest.raises(pm.PapermillExecutionError) as e:
@@ -209,7 +209,7 @@ def test_finished_run_refuses_other_settings_without_replace(finished_run):
     assert tree_state(finished_run) == before
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_rewriting_leaves_nothing_of_sets_no_longer_evaluated(cases, tmp_path):
     from flare_utils.evaluation.stage import evaluate_stage, load_evaluation_result
     both = {"labelled only": str(cases / "preds_a"), "with pseudo labels": str(cases / "preds_b")}

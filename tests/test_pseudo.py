@@ -347,7 +347,7 @@ def demo_model(tmp_path_factory) -> Path:
         return train_demo_model(tmp_path_factory.getbasetemp() / "flare_pseudo_demo_model", **DEMO_MODEL)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_memory_flat_over_200_cases_with_the_real_predictor(tmp_path, demo_model):
     """200 tiny synthetic cases, the project's predictor (full sliding window, 2-fold ensemble):
     RSS after case 200 vs after case 10 (recorded per case in cases.csv)."""
@@ -373,7 +373,7 @@ def test_memory_flat_over_200_cases_with_the_real_predictor(tmp_path, demo_model
     assert lab.get_data_dtype() == np.uint8
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_round_one_is_the_full_sliding_window_fold_ensemble(tmp_path, demo_model):
     """Round 1 labels == the project's predictor in full mode with both folds, softmax-averaged."""
     from flare_utils.inference.predictor import EfficientPredictor

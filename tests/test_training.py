@@ -182,7 +182,7 @@ def test_loss_variants(run_dir, tmp_path, loss, w_ce, w_dice):
     assert torch.isfinite(t.loss(out, targets))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_seeded_trainers_give_identical_first_batches_and_losses(run_dir, tmp_path):
     write_splits(DATASET, {"n_folds": 5})
 
@@ -256,7 +256,7 @@ def teacher(run_dir, tmp_path_factory):
     return run_dir / "nnUNet_results" / "Dataset995_TrainTiny" / f"FlareTeacherTrainer__{PLANS}__3d_fullres"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_stock_nnunetv2_train_makes_a_normal_results_folder(teacher):
     from flare_utils.training import read_learning_curves, read_validation_dice, training_config_of
     for f in ("dataset.json", "plans.json", "dataset_fingerprint.json"):
@@ -275,7 +275,7 @@ def test_stock_nnunetv2_train_makes_a_normal_results_folder(teacher):
     assert list(dice.index) == ["0"] and list(dice.columns)[:3] == ["liver", "right_kidney", "spleen"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_student_transfer_freeze_and_stock_prediction(teacher, run_dir, tmp_path):
     """Python API: a student initialised from the teacher checkpoint with 2 frozen encoder stages,
     Dice-only loss; then nnU-Net's own predictor on its results folder."""
@@ -316,7 +316,7 @@ def test_student_transfer_freeze_and_stock_prediction(teacher, run_dir, tmp_path
     assert seg.shape == ref.shape and seg.min() >= 0 and seg.max() <= 13
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_transfer_init_skips_mismatching_heads(teacher, tmp_path):
     """A 3-class network takes everything but the segmentation heads from the 14-class teacher."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

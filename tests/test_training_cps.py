@@ -125,7 +125,7 @@ def test_unlabelled_subset_and_seed(run, tmp_path, monkeypatch):
         t3.get_tr_and_val_datasets()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_cps_training_writes_both_networks_for_stock_predictor(run):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 

@@ -335,7 +335,7 @@ def test_registered_with_nnunet():
         assert find_trainer(name).__name__ == name
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_pseudo_student_trains_and_nnunet_predictor_loads_it(run):
     from flare_utils.training.api import (
         read_learning_curves,

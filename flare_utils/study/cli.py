@@ -64,6 +64,20 @@ def _cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_repeat(a: argparse.Namespace) -> int:
+    from flare_utils.study.repeat import markdown_comparisons, repeat_study
+    from flare_utils.study.runner import StageFailed, main_progress_stream
+    try:
+        aggregate = repeat_study(a.params, a.seeds, run_dir=a.run_dir, vary=a.vary,
+                                 progress_stream=main_progress_stream(),
+                                 command=" ".join(["flare-study", *sys.argv[1:]]))
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(markdown_comparisons(aggregate))
+    return 0
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from flare_utils.api import evaluate
     res = evaluate(a.pred_dir, a.gt_dir, a.out, revision=a.revision, hd95=a.hd95, processes=a.processes,
@@ -150,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--only", nargs="+", metavar="STAGE", default=None,
                    help="re-run just these stages (later stages become stale and re-run next time)")
     r.set_defaults(func=_cmd_run)
+
+    rp = sub.add_parser("repeat", help="run the study once per seed (each a run folder <run_dir>/seed_<s>) and "
+                                       "write the comparisons over seeds with confidence intervals "
+                                       "(<run_dir>/seeds.json, <run_dir>/index.html)")
+    rp.add_argument("params", type=Path)
+    rp.add_argument("--seeds", nargs="+", type=int, required=True, metavar="S", help="e.g. --seeds 0 1 2 3 4")
+    rp.add_argument("--vary", nargs="+", choices=["cohort", "training"], default=["cohort", "training"],
+                    help="which seeds take the value S (default both; the cohort seed only for the synthetic cohort)")
+    rp.add_argument("--run-dir", type=Path, default=None, help="overrides params.run_dir (the seeds' parent folder)")
+    rp.set_defaults(func=_cmd_repeat)
 
     st = sub.add_parser("status", help="which stages of a study are complete and which would run (runs nothing)")
     st.add_argument("params", type=Path)

@@ -26,6 +26,7 @@ import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
@@ -36,11 +37,17 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from flare_utils.utilities.progress import report as report_progress
 from flare_utils.errors import FlareInputError
-from flare_utils.training.config import CONFIG_FILE_NAME, TrainingConfig
+from flare_utils.training.config import (
+    CONFIG_FILE_NAME,
+    DETERMINISTIC_ENV,
+    TrainingConfig,
+    deterministic_requested,
+)
 from flare_utils.training.transfer import freeze_encoder_stages, load_transfer_weights, unwrap
 from flare_utils.utilities.device import resolve_device
 
-__all__ = ["FlareTrainer", "resolve_device", "seed_everything"]
+__all__ = ["FlareTrainer", "resolve_device", "seed_everything", "deterministic_requested", "configure_determinism",
+           "disable_timed_choices", "DETERMINISTIC_ENV"]
 
 _stock_trainer_module = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
 
@@ -56,6 +63,50 @@ def seed_everything(seed: int | None) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def configure_determinism(deterministic: bool, device: torch.device) -> str:
+    """Deterministic GPU kernels where torch has them (docs/reference/determinism.md); returns what
+    was done, for the log. On CPU nothing is switched: the CPU kernels used in training give
+    bit-identical results for the same seed, thread count and CPU type, and torch's deterministic
+    mode would only add its memory filling there. On CUDA/MPS with `deterministic`:
+    `torch.use_deterministic_algorithms(True, warn_only=True)` (ops without a deterministic
+    implementation warn instead of failing), cuDNN deterministic and not benchmarking, and
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set (it must be set before cuBLAS starts; set it in the
+    environment to be sure). These are process-wide and stay on after training."""
+    if not deterministic:
+        return "off"
+    if device.type == "cpu":
+        return "on (CPU: nothing to switch)"
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    return (f"on ({device.type}: torch deterministic algorithms (warn only), cuDNN deterministic, no cuDNN "
+            f"benchmark, CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']})")
+
+
+def disable_timed_choices(transform) -> int:
+    """Switch off the stopwatch in an augmentation pipeline: nnU-Net's `GaussianBlurTransform(...,
+    benchmark=True)` times FFT against direct convolution for each (size, kernel) and keeps the
+    faster, so which (numerically different) path a run takes depends on machine and load. With
+    benchmark off it always convolves directly, the path the stopwatch picks at the demo's patch
+    sizes. Returns the number of transforms changed."""
+    n, stack, seen = 0, [transform], set()
+    while stack:
+        t = stack.pop()
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if isinstance(t, GaussianBlurTransform) and t.benchmark:
+            t.benchmark = False
+            n += 1
+        for attr in ("transforms", "list_of_transforms"):
+            children = getattr(t, attr, None)
+            if isinstance(children, (list, tuple)):
+                stack.extend(children)
+        stack.append(getattr(t, "transform", None))
+    return n
 
 
 def make_optimizer(params, name: str, initial_lr: float, weight_decay: float, num_epochs: int):
@@ -112,9 +163,11 @@ class FlareTrainer(nnUNetTrainer):
         device = resolve_device(cfg.device, device)
         if cfg.num_threads is not None and device.type == "cpu":
             torch.set_num_threads(int(cfg.num_threads))
+        determinism = configure_determinism(deterministic_requested(cfg.deterministic), device)
         seed_everything(cfg.seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.flare_config = cfg
+        self.determinism = determinism
         self.transfer_report = None
         self.frozen_parameters: list[str] = []
         self.apply_config()
@@ -138,6 +191,8 @@ class FlareTrainer(nnUNetTrainer):
             raise FlareInputError(None, f"unknown loss {c.loss!r}; known: {sorted(LOSS_WEIGHTS)}")
         self.print_to_log_file(f"{type(self).__name__}: FLARE training configuration "
                                f"{json.dumps(c.to_dict())}", also_print_to_console=False)
+        self.print_to_log_file(f"deterministic mode: {getattr(self, 'determinism', 'off')}; torch threads "
+                               f"{torch.get_num_threads()}", also_print_to_console=False)
 
     @property
     def mirroring_enabled(self) -> bool:
@@ -160,6 +215,8 @@ class FlareTrainer(nnUNetTrainer):
 
     def _do_i_compile(self):
         c = getattr(self, "flare_config", None)
+        if c is not None and c.compile is None and deterministic_requested(c.deterministic):
+            return False               # inductor may pick kernels by timing them
         if c is None or c.compile is None:
             return super()._do_i_compile()
         return bool(c.compile) and self.device.type == "cuda"
@@ -243,6 +300,9 @@ class FlareTrainer(nnUNetTrainer):
                                                         regions=regions, ignore_label=lm.ignore_label)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
         seed = self.flare_config.seed
+        if seed is not None and disable_timed_choices(tr_transforms):
+            self.print_to_log_file("seeded run: Gaussian blur augmentation convolves directly (no FFT-vs-direct "
+                                   "timing benchmark)", also_print_to_console=False)
         seed_everything(None if seed is None else seed + 1)
         dl_tr = self.make_dataloader(dataset_tr, initial_patch_size, cm.patch_size, tr_transforms, train=True)
         dl_val = self.make_dataloader(dataset_val, cm.patch_size, cm.patch_size, val_transforms, train=False)
@@ -272,6 +332,8 @@ class FlareTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ run hooks
     def on_train_start(self):
+        # again: the stock `nnUNetv2_train` switches cuDNN benchmarking on after building the trainer
+        configure_determinism(deterministic_requested(self.flare_config.deterministic), self.device)
         super().on_train_start()
         self.flare_config.save(Path(self.output_folder) / CONFIG_FILE_NAME)
 
@@ -316,4 +378,5 @@ class FlareTrainer(nnUNetTrainer):
         """What this trainer is running with (for reports)."""
         return {"trainer": type(self).__name__, "device": str(self.device),
                 "mirroring": self.mirroring_enabled, "n_proc_da": self.n_proc_da,
+                "torch_threads": torch.get_num_threads(), "deterministic": getattr(self, "determinism", "off"),
                 "frozen_parameters": len(self.frozen_parameters), "config": self.flare_config.to_dict()}

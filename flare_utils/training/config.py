@@ -24,9 +24,17 @@ from flare_utils.errors import FlareInputError
 from flare_utils.utilities.typed import coerce
 
 ENV_VAR = "FLARE_TRAINING_CONFIG"
+DETERMINISTIC_ENV = "FLARE_DETERMINISTIC"      # "1": `deterministic` on where the config leaves it None
 CONFIG_FILE_NAME = "flare_training_config.json"
 LOSSES = ("dice_ce", "dice", "ce")
 DEFAULT_LR = {"sgd": 1e-2, "adamw": 3e-3}      # nnU-Net's SGD rate; AdamW's that learns the demo fastest
+
+
+def deterministic_requested(flag: bool | None) -> bool:
+    """`TrainingConfig.deterministic`; None: whether the environment sets FLARE_DETERMINISTIC=1."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get(DETERMINISTIC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass
@@ -39,6 +47,11 @@ class TrainingConfig:
     # reproducibility: seeds python `random`, numpy and torch (network init, patch sampling,
     # augmentation; augmentation workers get seed-derived seeds). None: not seeded.
     seed: int | None = 0
+    # deterministic GPU kernels (CUDA/MPS): torch's deterministic algorithms (warn only), cuDNN
+    # deterministic without benchmarking, no torch.compile unless `compile` says so; nothing to
+    # switch on CPU. None: on when the environment sets FLARE_DETERMINISTIC=1.
+    # docs/reference/determinism.md
+    deterministic: bool | None = None
     # device: "auto" keeps the device nnU-Net passed (nnUNetv2_train -device, default cuda) when it
     # exists, else falls back cuda -> mps -> cpu; "cpu"/"cuda"/"mps" force one.
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
