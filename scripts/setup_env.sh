@@ -38,7 +38,7 @@ fi
 "$venv/bin/python" - <<'PY'
 import importlib, importlib.util, sys
 for m in ["torch", "nnunetv2", "dynamic_network_architectures", "papermill", "nibabel", "pydicom",
-          "matplotlib", "SimpleITK", "edt", "isal.igzip", "flare_utils",
+          "matplotlib", "SimpleITK", "edt", "isal.igzip", "distributed", "dask_jobqueue", "flare_utils",
           "nnunetv2.training.nnUNetTrainer.nnUNetTrainer"]:
     importlib.import_module(m)
 assert importlib.util.find_spec("torchvision") is None, "torchvision must not be installed (see README)"

@@ -50,15 +50,21 @@ def pseudo_label_stage(run_dir: str | Path, dataset_id: int, *, teacher_results:
                        seed: int = 0, retrain_epochs: int = 50, retrain_iterations: int = 100,
                        retrain_folds: Sequence[int | str] = ("all",), retrain_config: Mapping[str, Any] | None = None,
                        truth_dir: str | Path | None = None, max_cases: int | None = None, processes: int = 1,
-                       torch_threads: int | None = None, verbose: bool = False, **_: Any) -> PseudoLabelResult:
+                       torch_threads: int | None = None, cluster: Mapping[str, Any] | None = None,
+                       verbose: bool = False, **_: Any) -> PseudoLabelResult:
     """Run (or resume) the K rounds and write the stage's report tables and figures.
 
     The teacher is `teacher_results` or the results folder of (`plans`, `teacher_trainer`); the
     unlabelled images are `unlabelled_dir` or the raw dataset's `imagesUnlabelled`. nnU-Net's training
-    console goes to `pseudo_labels/report/training_console.log` unless `verbose`."""
+    console goes to `pseudo_labels/report/training_console.log` unless `verbose`. `cluster`: the
+    params' `cluster:` section (`flare_utils.distributed.ClusterParams` fields; None or type local:
+    in-process): the rounds' predictions and the agreement / quality tables run on that Dask
+    cluster, opened for the stage and closed at its end (training stays in this process)."""
+    from flare_utils.distributed.cluster import as_cluster_params, open_cluster
     from flare_utils.layout import nnunet_folders
     from flare_utils.study.models import register_model
 
+    cluster_params = as_cluster_params(cluster or None)     # a bad section fails before anything runs
     run = RunLayout(run_dir).activate()
     if torch_threads:
         import torch
@@ -78,25 +84,27 @@ def pseudo_label_stage(run_dir: str | Path, dataset_id: int, *, teacher_results:
     config = {"num_epochs": int(retrain_epochs), "num_iterations_per_epoch": int(retrain_iterations),
               **dict(retrain_config or {})}
     shown = sys.stdout                 # progress lines stay visible; nnU-Net's console goes to the log
-    with open(out / "training_console.log", "a") as log, \
-            (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(log)):
-        infos = R.run_rounds(run.root, dataset_id, teacher, images, rounds=int(rounds), plans=plans or None,
-                             training_config=config, folds=folds, tta=bool(tta), device=device, seed=seed,
-                             retrain_folds=retrain_folds, cases=cases,
-                             progress=lambda line: print(line, file=shown, flush=True))
-    last = infos[-1]
-    if last.round > 1:    # the big model retrained on labelled + pseudo-labelled cases: "teacher with pseudo labels"
-        training = last.training or {}
-        register_model(run.root, "teacher_pseudo", last.model, folds=last.folds, title="Teacher + pseudo labels",
-                       role="teacher", training_data=f"labelled + {training.get('n_pseudo', '?')} pseudo-labelled "
-                                                     f"cases (round {last.round - 1})",
-                       plans=training.get("plans"), trainer=training.get("trainer"))
-    truth = Path(truth_dir) if truth_dir else (run.synthetic_unlabelled_truth
-                                               if run.synthetic_unlabelled_truth.is_dir() else None)
-    return _write_report(run, infos, truth, processes)
+    say = lambda line: print(line, file=shown, flush=True)          # noqa: E731
+    with open_cluster(cluster_params, device=device, say=say) as client:
+        with open(out / "training_console.log", "a") as log, \
+                (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(log)):
+            infos = R.run_rounds(run.root, dataset_id, teacher, images, rounds=int(rounds), plans=plans or None,
+                                 training_config=config, folds=folds, tta=bool(tta), device=device, seed=seed,
+                                 retrain_folds=retrain_folds, cases=cases, progress=say, client=client)
+        last = infos[-1]
+        if last.round > 1:  # the big model retrained on labelled + pseudo-labelled cases: "teacher with pseudo labels"
+            training = last.training or {}
+            register_model(run.root, "teacher_pseudo", last.model, folds=last.folds, title="Teacher + pseudo labels",
+                           role="teacher", training_data=f"labelled + {training.get('n_pseudo', '?')} "
+                                                         f"pseudo-labelled cases (round {last.round - 1})",
+                           plans=training.get("plans"), trainer=training.get("trainer"))
+        truth = Path(truth_dir) if truth_dir else (run.synthetic_unlabelled_truth
+                                                   if run.synthetic_unlabelled_truth.is_dir() else None)
+        return _write_report(run, infos, truth, processes, client)
 
 
-def _write_report(run: RunLayout, infos: list[R.RoundInfo], truth: Path | None, processes: int) -> PseudoLabelResult:
+def _write_report(run: RunLayout, infos: list[R.RoundInfo], truth: Path | None, processes: int,
+                  client: Any = None) -> PseudoLabelResult:
     from flare_utils.semisup import figures
     from flare_utils.study import report
 
@@ -127,7 +135,7 @@ def _write_report(run: RunLayout, infos: list[R.RoundInfo], truth: Path | None, 
     figure("memory_per_case", figures.memory_per_case_figure(rss))
 
     organs = {f"dsc_{o.name}": o.title for o in ORGANS}
-    agree = R.round_agreement(run.root, ks, processes=processes)
+    agree = R.round_agreement(run.root, ks, processes=processes, client=client)
     if len(agree):
         table("agreement_per_case", agree, index=False)
         finite = agree["changed_vs_foreground"].replace(np.inf, np.nan)
@@ -151,7 +159,7 @@ def _write_report(run: RunLayout, infos: list[R.RoundInfo], truth: Path | None, 
     figure("volumes_per_round", figures.volumes_per_round_figure(vt))
 
     if truth is not None:
-        quality = R.pseudo_label_quality(run.root, truth, ks, processes=processes)
+        quality = R.pseudo_label_quality(run.root, truth, ks, processes=processes, client=client)
         table("quality_per_case", quality, index=False)
         if len(quality):
             per_round = quality.groupby("round")["mean_dsc"].agg(["mean", "std", "count"])

@@ -7,7 +7,8 @@ The K label maps per case feed the stability selection (`flare_utils.semisup.sel
 Each round is a folder `<run_dir>/pseudo_labels/round_NN/`. An interrupted run resumes: finished
 rounds are skipped, finished cases kept (labels are written atomically). `predict_round` refuses a
 round folder made with another model (its content), folds or tta; `run_rounds` makes such rounds,
-and every later one, anew (a retrained teacher, changed retraining settings).
+and every later one, anew (a retrained teacher, changed retraining settings). With a Dask `client`
+the cases are predicted on the cluster's workers (`flare_utils.distributed`), with the same files.
 
 Details: docs/reference/pseudo_labels.md
 """
@@ -249,14 +250,17 @@ def memory_summary(records: Sequence[Mapping[str, Any]], early: int = 10) -> dic
 def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled_dir: str | Path, *,
                   folds: Sequence[int | str] | None = None, tta: bool = False, device: str = "auto",
                   cases: Iterable[str] | None = None, predictor_factory: PredictorFactory | None = None,
-                  training: Mapping[str, Any] | None = None, progress: Callable[[str], None] | None = None
-                  ) -> RoundInfo:
+                  training: Mapping[str, Any] | None = None, progress: Callable[[str], None] | None = None,
+                  client: Any = None) -> RoundInfo:
     """Predict every unlabelled case into round k's folder (resumable; see module docstring).
 
     model_dir: nnU-Net results folder (`Trainer__Plans__3d_fullres`); folds: the folds to ensemble
     (None: every fold_N with checkpoint_final.pth); tta: nnU-Net mirroring. `predictor_factory`
     (model_dir, folds, tta, device) -> object with `predict_case(image, output=..., case_id=...)`
     replaces the default predictor (tests). `training`: what made the model (stored in the manifest).
+    `client`: a `distributed.Client` (`flare_utils.distributed.open_cluster`): the cases are predicted
+    on its workers, one task each, every worker building the predictor once (the factory must then
+    be picklable: a module-level function); this process still writes the records and the manifest.
     """
     say = progress or (lambda s: None)
     folder = round_dir(run_dir, k)
@@ -297,7 +301,11 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
 
     t_round = time.perf_counter()
     device_used = device
-    if todo:
+    if todo and client is not None:
+        device_used = _predict_on_cluster(client, k, folder, todo, images, model_dir, folds_l, bool(tta), device,
+                                          predictor_factory or default_predictor_factory, request["model_key"],
+                                          records, records_path, say)
+    elif todo:
         factory = predictor_factory or default_predictor_factory
         predictor = factory(model_dir, folds_l, bool(tta), device)
         device_used = str(getattr(predictor, "device", device))
@@ -334,6 +342,83 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
                                                "model": run.stored(model_dir)})
     _write_summary(run_dir)
     return info
+
+
+def _factory_token(factory: PredictorFactory) -> str:
+    """What tells one predictor factory from another in a worker's cache: its pickled bytes."""
+    import hashlib
+
+    import cloudpickle
+    try:
+        data = cloudpickle.dumps(factory)
+    except Exception as e:            # noqa: BLE001 - whatever pickling raises, the cause is the factory
+        raise FlareInputError(None, f"predictor_factory {factory!r} cannot be sent to Dask workers "
+                                    f"({type(e).__name__}: {e}); use a module-level function") from e
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _written_by_round(folder: Path, case: str, model_key: str | None) -> bool:
+    """Whether the case's label is in the round folder and the folder is this model's: labels are
+    written atomically (a file there is whole) and a round folder holds one model's labels
+    (request.json, checked before any case is predicted)."""
+    if not (folder / f"{case}.nii.gz").is_file():
+        return False
+    return (_read_json(folder / REQUEST_FILE) or {}).get("model_key") == model_key
+
+
+def _cluster_case(job: Mapping[str, Any]) -> dict[str, Any]:
+    """One case of a round, on a Dask worker: the worker's cached predictor writes the label; the
+    case's record is returned. Idempotent: a task run again (its worker died after writing, before
+    its result came back) finds the label written and only reports it."""
+    from flare_utils.distributed.cases import cached, next_index, worker_name
+    folder, case = Path(job["folder"]), job["case"]
+    out = folder / f"{case}.nii.gz"
+    if _written_by_round(folder, case, job["model_key"]):
+        return {**_record_from_file(case, out), "worker": worker_name(), "device": None}
+    model_dir, folds, tta, device, factory = (Path(job["model_dir"]), list(job["folds"]), job["tta"],
+                                              job["device"], job["factory"])
+    key = ("pseudo-round-predictor", job["factory_token"], str(model_dir), tuple(folds), tta, device)
+    with cached(key, lambda: factory(model_dir, folds, tta, device)) as predictor:
+        t0 = time.perf_counter()
+        label, _ = predictor.predict_case(Path(job["image"]), output=out, case_id=case)
+        seconds = time.perf_counter() - t0
+        device_used = str(getattr(predictor, "device", device))
+    rec = {"case": case, "index": next_index(str(folder)), "pid": os.getpid(), "seconds": round(seconds, 4),
+           "rss_mib": round(current_rss_mib(), 2), "peak_rss_mib": round(peak_rss_mib(), 2), "recovered": False,
+           **_label_record(label, _voxel_ml(Path(job["image"]))), "worker": worker_name(), "device": device_used}
+    del label
+    return rec
+
+
+def _predict_on_cluster(client, k: int, folder: Path, todo: list[str], images: Mapping[str, Path], model_dir: Path,
+                        folds: list, tta: bool, device: str, factory: PredictorFactory, model_key: str | None,
+                        records: dict[str, dict], records_path: Path, say: Callable[[str], None]) -> str:
+    """The cases of `todo` as Dask tasks (`_cluster_case`); records appended here, in the order the
+    cases finish. Returns the device the workers used."""
+    from flare_utils.distributed.cases import map_cases
+    token = _factory_token(factory)
+    jobs = [(c, {"folder": str(folder), "case": c, "image": str(images[c]), "model_dir": str(model_dir),
+                 "folds": list(folds), "tta": tta, "device": device, "factory": factory, "factory_token": token,
+                 "model_key": model_key}) for c in todo]
+    n_workers = len(client.scheduler_info().get("workers", {}))
+    say(f"round {k}: {len(todo)} case(s) sent to the Dask cluster ({n_workers} worker(s) now)")
+    devices = []
+
+    def tick(n: int, total: int, case: str) -> None:
+        report_progress(f"pseudo labels round {k}: cases", n, total)
+
+    for n, (case, rec) in enumerate(map_cases(client, _cluster_case, jobs, key_prefix=f"pseudo-round{k:02d}",
+                                              progress=tick), start=1):
+        _append_record(records_path, rec)
+        records[case] = rec
+        if rec.get("device"):
+            devices.append(rec["device"])
+        if n % 50 == 0 or n == len(todo):
+            rss = f"RSS {rec['rss_mib']:.0f} MiB on worker {rec.get('worker')}" if rec.get("rss_mib") else \
+                f"case {case} found written"
+            say(f"round {k}: {n}/{len(todo)} predicted ({rss})")
+    remove_stale_temporaries(folder)          # a killed worker's unfinished write (no task runs any more)
+    return devices[0] if devices else device
 
 
 def _voxel_ml(image: Path) -> float:
@@ -482,11 +567,13 @@ def run_rounds(run_dir: str | Path, dataset_id: int | str, teacher_results: str 
                folds: Sequence[int | str] | None = None, tta: bool = False, device: str = "auto",
                seed: int | None = 0, trainer: str = PSEUDO_TRAINER, retrain_folds: Sequence[int | str] = ("all",),
                cases: Iterable[str] | None = None, predictor_factory: PredictorFactory | None = None,
-               train_fn: TrainFn | None = None, progress: Callable[[str], None] | None = print) -> list[RoundInfo]:
+               train_fn: TrainFn | None = None, progress: Callable[[str], None] | None = print,
+               client: Any = None) -> list[RoundInfo]:
     """K rounds of pseudo labels (module docstring). Round 1: `teacher_results` (folds `folds`, None =
     all trained folds) predicts; round k >= 2: a `trainer` model (plans `plans`, default the
     teacher's plans) is trained on labelled + round k-1's pseudo labels (`retrain_folds`, default
     one model on all labelled cases, fold "all") and predicts. Completed rounds/models are reused.
+    `client`: predict the cases on a Dask cluster (`predict_round`); training stays in this process.
     Returns the RoundInfo of every round, in order."""
     if int(rounds) < 1:
         raise FlareInputError(None, f"rounds must be >= 1, got {rounds}")
@@ -502,7 +589,7 @@ def run_rounds(run_dir: str | Path, dataset_id: int | str, teacher_results: str 
         if changed:
             _discard_rounds(run_dir, 1, f"the teacher's {', '.join(changed)} changed", say)
     infos = [predict_round(run_dir, 1, teacher_results, unlabelled_dir, folds=folds, tta=tta, device=device,
-                           cases=case_list, predictor_factory=predictor_factory,
+                           cases=case_list, predictor_factory=predictor_factory, client=client,
                            training={"teacher": str(teacher_results)}, progress=progress)]
     if int(rounds) >= 2:
         plans = plans or _teacher_plans_identifier(teacher_results)
@@ -517,14 +604,14 @@ def run_rounds(run_dir: str | Path, dataset_id: int | str, teacher_results: str 
         if done is not None and sorted(done.cases) == sorted(case_list):
             infos.append(predict_round(run_dir, k, done.model, unlabelled_dir, folds=done.folds, tta=done.tta,
                                        device=device, cases=case_list, predictor_factory=predictor_factory,
-                                       progress=progress))
+                                       progress=progress, client=client))
             continue
         model_dir, record = retrain_round(run_dir, k, dataset_id, plans, unlabelled_dir,
                                           training_config=training_config, trainer=trainer, folds=retrain_folds,
                                           device=device, seed=seed, train_fn=train_fn, progress=progress)
         infos.append(predict_round(run_dir, k, model_dir, unlabelled_dir, folds=record["folds"], tta=tta,
                                    device=device, cases=case_list, predictor_factory=predictor_factory,
-                                   training=record, progress=progress))
+                                   training=record, progress=progress, client=client))
     return infos
 
 
@@ -594,11 +681,13 @@ def _agreement_job(job: tuple) -> dict[str, Any]:
     return row
 
 
-def round_agreement(run_dir: str | Path, rounds: Iterable[int] | None = None, processes: int = 1) -> pd.DataFrame:
+def round_agreement(run_dir: str | Path, rounds: Iterable[int] | None = None, processes: int = 1,
+                    client: Any = None) -> pd.DataFrame:
     """Agreement of each round with the previous one, one row per (round k >= 2, case): changed
     voxels, their fraction of the volume, their ratio to round k's foreground (equation (1)'s
-    term), and the Dice between the rounds per organ (`dsc_<organ>`; both empty = 1)."""
-    from flare_utils.utilities.parallel import map_processes
+    term), and the Dice between the rounds per organ (`dsc_<organ>`; both empty = 1). One task per
+    case on a Dask `client`'s cluster when given, else in `processes` local processes."""
+    from flare_utils.distributed.cases import map_ordered
     ks = _rounds_or_all(run_dir, rounds)
     jobs = []
     for a, b in zip(ks, ks[1:]):
@@ -606,7 +695,8 @@ def round_agreement(run_dir: str | Path, rounds: Iterable[int] | None = None, pr
         for c in rb.cases:
             if c in set(ra.cases):
                 jobs.append((b, c, str(ra.folder / f"{c}.nii.gz"), str(rb.folder / f"{c}.nii.gz")))
-    rows = map_processes(_agreement_job, jobs, processes) if jobs else []
+    rows = map_ordered(_agreement_job, jobs, client=client, processes=processes, key_prefix="pseudo-agreement") \
+        if jobs else []
     return pd.DataFrame(rows)
 
 
@@ -626,13 +716,14 @@ def _quality_job(job: tuple) -> dict[str, Any]:
 
 
 def pseudo_label_quality(run_dir: str | Path, truth_dir: str | Path, rounds: Iterable[int] | None = None,
-                         processes: int = 1) -> pd.DataFrame:
+                         processes: int = 1, client: Any = None) -> pd.DataFrame:
     """FLARE22 DSC of each round's pseudo labels against ground truth (e.g. the synthetic cohort's
     `SyntheticTruth/unlabelled_labels/<case>.nii.gz`), one row per (round, case): `dsc_<organ>`
     (1 when the organ is absent from both; NaN where the official z-range cut of aorta/IVC/esophagus
     leaves nothing) and `mean_dsc`, the mean over the organs present in the truth or the pseudo label
-    (NaNs skipped; NaN when both maps are empty). Cases without truth are left out."""
-    from flare_utils.utilities.parallel import map_processes
+    (NaNs skipped; NaN when both maps are empty). Cases without truth are left out. `client`,
+    `processes`: as in `round_agreement`."""
+    from flare_utils.distributed.cases import map_ordered
     truth_dir = Path(truth_dir)
     if not truth_dir.is_dir():
         raise FlareInputError(truth_dir, "ground-truth folder not found")
@@ -643,5 +734,6 @@ def pseudo_label_quality(run_dir: str | Path, truth_dir: str | Path, rounds: Ite
             t = truth_dir / f"{c}.nii.gz"
             if t.is_file():
                 jobs.append((k, c, str(r.folder / f"{c}.nii.gz"), str(t)))
-    rows = map_processes(_quality_job, jobs, processes) if jobs else []
+    rows = map_ordered(_quality_job, jobs, client=client, processes=processes, key_prefix="pseudo-quality") \
+        if jobs else []
     return pd.DataFrame(rows)
