@@ -218,3 +218,97 @@ def test_resolve_plans_identifier():
     own = [{"name": "mine", "base_features": 4}, "efficient_demo"]
     assert resolve_plans_identifier("mine", own) == "nnUNetPlans_mine"
     assert resolve_plans_identifier("mine", [PlanVariant("mine")]) == "nnUNetPlans_mine"
+
+
+# ---------------------------------------------------------------------------------- nnU-Net's ResEnc presets
+
+RESENC = {"resenc_m": ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans", 8),
+          "resenc_l": ("nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans", 24),
+          "resenc_xl": ("nnUNetPlannerResEncXL", "nnUNetResEncUNetXLPlans", 40)}
+
+
+def test_resenc_variants_are_nnunets_own_planners():
+    """resenc_* name nnU-Net's planner classes and carry the identifiers those planners write by default."""
+    import inspect
+    from flare_utils.planning.plans import nnunet_planner_class, resolve_plans_identifier
+    for name, (planner, pid, gb) in RESENC.items():
+        v = PLAN_VARIANTS[name]
+        assert v.planner == planner and v.plans_identifier == pid
+        assert PlanVariant(name=name).plans_identifier == pid          # what params checks and the runner use
+        assert resolve_plans_identifier(name) == pid
+        cls = nnunet_planner_class(planner)
+        sig = inspect.signature(cls.__init__).parameters
+        assert sig["plans_name"].default == pid and sig["gpu_memory_target_in_gb"].default == gb
+        assert cls.__module__.endswith("residual_unets.residual_encoder_unet_planners")
+    with pytest.raises(FlareInputError, match="planned by nnU-Net's nnUNetPlannerResEncM"):
+        make_plan_variant(skeleton_base_plans(), "resenc_m")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        PlanVariant("mine", planner="nnUNetPlannerResEncM", base_features=8)
+    with pytest.raises(FlareInputError, match="no experiment planner class"):
+        nnunet_planner_class("nnUNetPlannerNope")
+
+
+def test_resenc_presets_plan_without_data():
+    """On a fingerprint whose images are larger than ResEnc M's 8 GB patch, L (24 GB) plans a larger patch
+    with one more stage, so more parameters; XL (40 GB) at least as many. All ResidualEncoderUNet, all
+    sharing the default plans' preprocessed data."""
+    from flare_utils.planning.plans import plan_nnunet_preset, skeleton_fingerprint
+    fp = skeleton_fingerprint(spacing_zyx=(2.0, 2.0, 2.0), median_shape_zyx=(96, 256, 256))
+    d = {}
+    for name, (planner, pid, _) in RESENC.items():
+        plans = plan_nnunet_preset(name, fp)
+        assert plans["plans_name"] == pid and plans["experiment_planner_used"] == planner
+        cfg = plans["configurations"]["3d_fullres"]
+        assert cfg["architecture"]["network_class_name"].endswith(".ResidualEncoderUNet")
+        assert cfg["data_identifier"] == "nnUNetPlans_3d_fullres"
+        d[name] = describe_plans(plans)
+        assert d[name]["network"] == "ResidualEncoderUNet"
+        assert d[name]["n_blocks_per_stage"][:4] == [1, 3, 4, 6]
+        assert d[name]["n_conv_per_stage"] == [2 * b for b in d[name]["n_blocks_per_stage"]]
+        assert d[name]["spacing"] == [2.0, 2.0, 2.0]
+    m, lg, xl = d["resenc_m"], d["resenc_l"], d["resenc_xl"]
+    assert np.prod(lg["patch_size"]) > np.prod(m["patch_size"]) and lg["n_stages"] == m["n_stages"] + 1
+    assert lg["parameters"] > m["parameters"] > 50e6 and xl["parameters"] >= lg["parameters"]
+    with pytest.raises(FlareInputError, match="not planned by an nnU-Net planner"):
+        plan_nnunet_preset("efficient")
+
+
+def test_resenc_plan_preprocess_and_train(run_dir):
+    """plan_and_preprocess plans resenc_m with nnU-Net's planner, preprocesses the data folder it shares
+    with the default plans once, and a FlareTeacherTrainer trains a ResidualEncoderUNet on it (one
+    iteration on CPU); the checkpoint's weights count exactly the reported parameters."""
+    import torch
+    from flare_utils.training import train
+    write_tiny_dataset(run_dir / "nnUNet_raw", 993, "PlansResEnc", n=4, shape_zyx=(16, 24, 24), seed=3)
+    ids = plan_and_preprocess(993, ("resenc_m", "default"), processes=1)
+    assert ids == {"resenc_m": "nnUNetResEncUNetMPlans", "default": "nnUNetPlans"}
+    pre = run_dir / "nnUNet_preprocessed" / "Dataset993_PlansResEnc"
+    plans = json.loads((pre / "nnUNetResEncUNetMPlans.json").read_text())
+    assert plans["experiment_planner_used"] == "nnUNetPlannerResEncM"
+    folder = pre / "nnUNetPlans_3d_fullres"                        # nnU-Net's shared data identifier
+    before = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
+    assert len([n for n in before if n.endswith(".pkl")]) == 4
+    summary = json.loads((pre / "flare_plans_summary.json").read_text())
+    assert summary["resenc_m"]["network"] == "ResidualEncoderUNet"
+    assert summary["resenc_m"]["verification"]["ok"]
+    n = summary["resenc_m"]["parameters"]
+    assert n == count_parameters("nnUNetResEncUNetMPlans", dataset=993)
+    assert n > summary["default"]["parameters"]                       # residual blocks: more weights than plain
+    # the plans only changed their network: the shared data is reused, not preprocessed again
+    assert plan_and_preprocess(993, ("resenc_l",), processes=1) == {"resenc_l": "nnUNetResEncUNetLPlans"}
+    assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == before
+
+    cfg = {"num_epochs": 1, "num_iterations_per_epoch": 1, "num_val_iterations_per_epoch": 1, "device": "cpu",
+           "n_proc_da": 0, "export_processes": 1, "num_threads": 2, "seed": 0, "final_validation": False}
+    with preserved_environ(("FLARE_TRAINING_CONFIG",)):
+        res = train(993, "nnUNetResEncUNetMPlans", "all", "FlareTeacherTrainer", cfg)
+    assert res.name == "FlareTeacherTrainer__nnUNetResEncUNetMPlans__3d_fullres"
+    ck = torch.load(res / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ck["trainer_name"] == "FlareTeacherTrainer"
+    assert any(k.startswith("encoder.stem.") for k in ck["network_weights"])          # ResidualEncoder's stem
+    # hand count: the state dict names a residual block's convolutions twice (and the encoder again under
+    # decoder.encoder), so count each stored tensor once
+    w = ck["network_weights"]
+    assert sum(v.numel() for v in w.values()) > 2 * n
+    assert sum({v.untyped_storage().data_ptr(): v.numel() for v in w.values()}.values()) == n
+    assert np.isfinite(ck["logging"]["train_losses"][-1])
