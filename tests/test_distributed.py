@@ -26,6 +26,7 @@ from flare_utils.distributed.cluster import (ClusterParams, as_cluster_params, c
                                              open_cluster, slurm_job_script, slurm_options)
 from flare_utils.errors import FlareInputError  # noqa: E402
 from flare_utils.semisup import rounds as pseudo  # noqa: E402
+from test_pseudo import _images, teacher, unlabelled  # noqa: E402,F401  (the rounds tests' tiny inputs and fixtures)
 
 # Same request as tests/test_pseudo.py (one training per pytest session serves both files).
 DEMO_MODEL = dict(dataset_id=957, name="PseudoSmoke", n_cases=5, fov="abdomen", patch_zyx=(16, 16, 16),
@@ -91,15 +92,6 @@ def failing_factory(model_dir, folds, tta, device):
 
 # ---------------------------------------------------------------------------------- fixtures
 
-def _images(folder: Path, n: int, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        a = rng.normal(0, 100, (12, 10, 8)).astype(np.int16)
-        nib.save(nib.Nifti1Image(a, np.diag([1.5, 1.5, 3.0, 1.0])), str(folder / f"Case_{i:05d}_0000.nii.gz"))
-    return folder
-
-
 def _hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("Case_*.nii.gz"))}
 
@@ -109,19 +101,6 @@ def _writes(teacher: Path) -> list[str]:
     return [line.split()[0] for line in log.read_text().splitlines()] if log.is_file() else []
 
 
-@pytest.fixture()
-def unlabelled(tmp_path) -> Path:
-    return _images(tmp_path / "imagesUnlabelled", 8)
-
-
-@pytest.fixture()
-def teacher(tmp_path) -> Path:
-    d = tmp_path / "teacher" / "nnUNetTrainer__Plans__3d_fullres"
-    for f in (0, 1):
-        (d / f"fold_{f}").mkdir(parents=True)
-        (d / f"fold_{f}" / "checkpoint_final.pth").write_bytes(b"x")
-    (d / "plans.json").write_text(json.dumps({"plans_name": "PlansX"}))
-    return d
 
 
 @pytest.fixture(scope="module")
