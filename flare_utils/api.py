@@ -16,7 +16,7 @@ import pandas as pd
 from flare_utils.errors import FlareInputError
 
 from flare_utils.inference.case_report import EFFICIENCY_DIR
-from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
+from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_GRID, DEFAULT_INPLANE_STEP
 
 __all__ = ["Segmentation", "segment", "evaluate", "run_study"]
 
@@ -42,8 +42,10 @@ class Segmentation:
 def segment(input: str | Path, output: str | Path, model: str | Path, *, folds: Sequence[int | str] | str | None = (0,),
             mode: str = "efficient", tta: bool = False, device: str = "auto",
             spacing: Sequence[float] | None = None, centre_threshold: int = DEFAULT_CENTRE_THRESHOLD,
-            inplane_step: float = DEFAULT_INPLANE_STEP, overwrite: bool = False, keep_going: bool = False,
-            checkpoint: str = "checkpoint_final.pth") -> Segmentation:
+            inplane_step: float = DEFAULT_INPLANE_STEP, inplane_grid: str = DEFAULT_INPLANE_GRID,
+            backend: str = "torch",
+            overwrite: bool = False, keep_going: bool = False,
+            checkpoint: str = "checkpoint_final.pth", client=None) -> Segmentation:
     """Segment a NIfTI CT (or every NIfTI of a folder) with a trained nnU-Net v2 results folder.
 
     A file goes to `output` when that ends in .nii/.nii.gz, else to `output/<case>.nii.gz`, the case
@@ -52,7 +54,12 @@ def segment(input: str | Path, output: str | Path, model: str | Path, *, folds: 
     `output/<case>.nii.gz`, named by the same rule (resumable: existing outputs are kept unless
     `overwrite`). Efficiency
     reports go to `<output folder>/efficiency/`. `folds`: one, several (ensemble), "all" or None (every
-    trained fold); `mode`: "efficient" (the FLARE22 winner's sliding window) or "full" (nnU-Net's).
+    trained fold); `mode`: "efficient" (the FLARE22 winner's sliding window) or "full" (nnU-Net's);
+    `inplane_grid`: efficient mode's in-plane windows, "paper" (3x3) or "adaptive" (spread over a
+    body wider than the paper's band). `backend`: "torch", or on the CPU "openvino" / "onnx" (the network
+    run by OpenVINO / ONNX Runtime, optional packages; `flare_utils.inference.backends`).
+    `client`: a `distributed.Client` (`flare_utils.distributed.open_cluster`): a folder's cases are
+    predicted on its workers, one task per case (the same files); one image is predicted here.
     """
     from flare_utils.data.io import case_id_from_path
     from flare_utils.inference.folder import done_report
@@ -65,13 +72,23 @@ def segment(input: str | Path, output: str | Path, model: str | Path, *, folds: 
         folds = [folds]
     if folds is not None:
         folds = "all" if [str(f) for f in folds] == ["all"] else [int(f) for f in folds]
-    p = EfficientPredictor.from_results_folder(model, folds=folds, checkpoint=checkpoint, mode=mode, tta=tta,
-                                               device=device, spacing=spacing, centre_threshold=centre_threshold,
-                                               inplane_step=inplane_step)
+    options = dict(checkpoint=checkpoint, mode=mode, tta=tta, device=device, spacing=spacing,
+                   centre_threshold=centre_threshold, inplane_step=inplane_step, inplane_grid=inplane_grid)
+    if backend != "torch":        # CPU only: OpenVINO / ONNX Runtime (flare_utils.inference.backends)
+        options["backend"] = backend
+    if input.is_dir() and output.name.endswith(_NIFTI):
+        raise FlareInputError(output, "a folder of images needs an output folder, not a NIfTI file name")
+    p = None
+    if not (input.is_dir() and client is not None):
+        p = EfficientPredictor.from_results_folder(model, folds=folds, **options)
     if input.is_dir():
-        if output.name.endswith(_NIFTI):
-            raise FlareInputError(output, "a folder of images needs an output folder, not a NIfTI file name")
-        df = p.predict_folder(input, output, overwrite=overwrite, on_error="skip" if keep_going else "raise")
+        on_error = "skip" if keep_going else "raise"
+        if p is None:
+            from flare_utils.inference.cluster_folder import predict_folder_on_cluster
+            df = predict_folder_on_cluster(client, model, input, output, folds=folds, options=options,
+                                           overwrite=overwrite, on_error=on_error)
+        else:
+            df = p.predict_folder(input, output, overwrite=overwrite, on_error=on_error)
         failed = {r["case_id"]: r["error"] for _, r in df.iterrows()
                   if "error" in df and isinstance(r.get("error"), str)}
         skipped = [r["case_id"] for _, r in df.iterrows() if bool(r.get("skipped_existing", False))]
@@ -91,15 +108,16 @@ def segment(input: str | Path, output: str | Path, model: str | Path, *, folds: 
 
 def evaluate(predictions: str | Path, ground_truth: str | Path, output: str | Path | None = None, *,
              revision: str = "2022", hd95: bool = False, processes: int = 2,
-             cases: Iterable[str] | None = None, allow_missing: bool = False, strict: bool = False):
+             cases: Iterable[str] | None = None, allow_missing: bool = False, strict: bool = False, client=None):
     """FLARE22 DSC/NSD (official rules) of every ground-truth case against `predictions/<case>.nii.gz`.
 
     Returns the `EvaluationResult` (per-case table `.per_case`, `.summary`); with `output` the CSV and
     summary JSON are written there. Label values outside 0-13 count as background (official rule) with
-    a warning and counts in the summary; `strict` refuses them."""
+    a warning and counts in the summary; `strict` refuses them. `client`: a `distributed.Client`: one
+    task per case on its workers instead of `processes` local processes (the same results)."""
     from flare_utils.evaluation.evaluate import evaluate_folders
     return evaluate_folders(predictions, ground_truth, output, revision=revision, hd95=hd95, processes=processes,
-                            cases=cases, allow_missing=allow_missing, strict=strict)
+                            cases=cases, allow_missing=allow_missing, strict=strict, client=client)
 
 
 def run_study(params: str | Path | Mapping[str, Any], *, run_dir: str | Path | None = None,

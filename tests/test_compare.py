@@ -11,7 +11,8 @@ import pytest
 
 from flare_utils.data.labels import ORGANS
 from flare_utils.evaluation import compare
-from flare_utils.evaluation.compare import PairedDifference, case_scores, paired_difference, pooled_difference
+from flare_utils.evaluation.compare import (PairedDifference, case_scores, over_seeds, paired_difference,
+                                            pooled_difference)
 from flare_utils.study import report
 
 
@@ -305,3 +306,17 @@ def test_shared_cases_count_once_across_seeds():
     assert shared.high - shared.low > 1.8 * (independent.high - independent.low)
     with pytest.raises(ValueError, match="same cases"):
         pooled_difference([(np.zeros(3), np.zeros(3)), (np.zeros(4), np.zeros(4))], shared_cases=True)
+
+
+def test_over_seeds_is_a_t_interval_over_the_per_seed_means():
+    from scipy import stats
+    means = [0.031, -0.009, 0.038, -0.001, 0.002]
+    o = over_seeds(means)
+    half = stats.t.ppf(0.975, 4) * np.std(means, ddof=1) / np.sqrt(5)
+    assert o["n_seeds"] == 5 and o["mean"] == pytest.approx(np.mean(means))
+    assert (o["low"], o["high"]) == pytest.approx((np.mean(means) - half, np.mean(means) + half))
+    assert not o["distinguishable"] and o["verdict"] == "not distinguishable from zero"
+    assert over_seeds([0.02, 0.03, 0.025])["verdict"] == "as in the papers"
+    assert over_seeds([0.02, 0.03, 0.025], direction=-1)["verdict"] == "opposite to the papers"
+    one = over_seeds([0.05, float("nan")])           # a seed without a value is left out
+    assert one["n_seeds"] == 1 and np.isnan(one["low"]) and one["verdict"] == "too few seeds to tell"

@@ -134,6 +134,8 @@ def test_cluster_round_equals_serial_round(tmp_path, unlabelled, teacher, cluste
     _, opened = cluster
     assert any("Dask LocalCluster: 2 worker process(es) x 1 thread(s), CPU; dashboard http" in s for s in opened)
     assert set(client.run(lambda: os.environ["OMP_NUM_THREADS"]).values()) == {"1"}     # torch_threads
+    # glibc's default allocator settings, not Dask's MALLOC_TRIM_THRESHOLD_ (a case twice as slow)
+    assert set(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()) == {None}
     ref = _serial_reference(tmp_path, teacher, unlabelled)
     run = tmp_path / "run"
     said: list[str] = []
@@ -309,10 +311,9 @@ def test_runner_passes_the_cluster_only_when_set(tmp_path):
     assert as_cluster_params(_pseudo_parameters(p, run)["cluster"]) == p.cluster     # what the stage reads back
 
 
-@pytest.mark.e2e
-def test_real_model_round_on_the_cluster_equals_serial(tmp_path_factory, tmp_path, client):
-    """The project's predictor (a tiny trained nnU-Net, 2-fold ensemble, full sliding window):
-    serial and cluster rounds write the same label files."""
+def tiny_model_and_images(tmp_path_factory, tmp_path: Path, first_seed: int) -> tuple[Path, Path]:
+    """The rounds tests' tiny trained model (2 folds; trained once per session) and 3 tiny phantom
+    images `Case_0000{i}_0000.nii.gz` of seeds first_seed + i in tmp_path/img."""
     from demo_model import train_demo_model
     from flare_utils.synthetic.phantom import generate_case
     with pytest.MonkeyPatch.context() as mp:
@@ -321,8 +322,16 @@ def test_real_model_round_on_the_cluster_equals_serial(tmp_path_factory, tmp_pat
     images = tmp_path / "img"
     images.mkdir()
     for i in range(3):
-        c = generate_case(200 + i, "tiny", fov="abdomen")
+        c = generate_case(first_seed + i, "tiny", fov="abdomen")
         nib.save(nib.Nifti1Image(c.image, c.affine), str(images / f"Case_{i:05d}_0000.nii.gz"))
+    return model, images
+
+
+@pytest.mark.e2e
+def test_real_model_round_on_the_cluster_equals_serial(tmp_path_factory, tmp_path, client):
+    """The project's predictor (a tiny trained nnU-Net, 2-fold ensemble, full sliding window):
+    serial and cluster rounds write the same label files."""
+    model, images = tiny_model_and_images(tmp_path_factory, tmp_path, first_seed=200)
     serial = pseudo.predict_round(tmp_path / "serial", 1, model, images, device="cpu")
     dist = pseudo.predict_round(tmp_path / "dist", 1, model, images, device="cpu", client=client)
     got, ref = _hashes(pseudo.round_dir(tmp_path / "dist", 1)), _hashes(pseudo.round_dir(tmp_path / "serial", 1))
@@ -392,7 +401,8 @@ def test_slurm_job_script():
     script = slurm_job_script(params)
     for line in ("#SBATCH -p gpu", "#SBATCH -A flare22", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=30G",
                  "#SBATCH -t 04:00:00", "#SBATCH --gres=gpu:2", "#SBATCH --constraint=a100",
-                 "#SBATCH -e /home/u/dask-logs/", "module load cuda/12.4", "export FLARE_DASK_PIN_GPUS=1"):
+                 "#SBATCH -e /home/u/dask-logs/", "module load cuda/12.4", "export FLARE_DASK_PIN_GPUS=1",
+                 "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\"{'MALLOC_TRIM_THRESHOLD_': None}\""):
         assert line in script, line
     worker = next(line for line in script.splitlines() if "dask_worker" in line)
     assert worker.startswith("/opt/flare/.venv/bin/python -m distributed.cli.dask_worker")

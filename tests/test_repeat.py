@@ -66,6 +66,9 @@ def test_aggregate_over_seeds_pairs_cases_within_each_seed(tmp_path):
                                   for s in (0, 1)], n_boot=2000)
     assert (c["pooled"]["low"], c["pooled"]["high"]) == (pytest.approx(expected.low, abs=1e-6),
                                                         pytest.approx(expected.high, abs=1e-6))
+    o = c["over_seeds"]                      # the seed as the unit: the per-seed means and a t interval
+    assert o["n_seeds"] == 2 and o["mean"] == pytest.approx(np.mean([d0.mean(), d1.mean()]), abs=1e-6)
+    assert o["low"] < o["mean"] < o["high"]
     # comparisons whose models the runs lack are left out, not shown empty
     assert {c["baseline"] for c in agg["comparisons"]} == {"student_labelled_only"}
 
@@ -73,6 +76,7 @@ def test_aggregate_over_seeds_pairs_cases_within_each_seed(tmp_path):
     assert json.loads((tmp_path / SEEDS_JSON).read_text())["seeds"] == [0, 1]
     page = (tmp_path / "index.html").read_text()
     assert "seed_0/index.html" in page and "seed_1/index.html" in page and "not distinguishable" in page
+    assert "over seeds (t interval)" in page
     table = markdown_table(agg)
     assert "| Student, selected pseudo | 0.576 | 0.427 | 0.501 ± 0.106 |" in table
     assert "selected pseudo labels improve the student" in markdown_comparisons(agg)

@@ -22,7 +22,10 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
-__all__ = ["map_cases", "map_ordered", "cached", "cache_info", "next_index", "worker_name", "DEFAULT_RETRIES"]
+from flare_utils.errors import FlareInputError
+
+__all__ = ["map_cases", "map_ordered", "cached", "cache_info", "next_index", "worker_name", "factory_token",
+           "DEFAULT_RETRIES"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -87,6 +90,20 @@ def worker_name() -> str | None:
 
 # ----------------------------------------------------------------------------------------------
 # Client side
+
+def factory_token(factory: Callable, what: str = "predictor factory") -> str:
+    """What tells one factory from another in a worker's cache: a hash of its pickled bytes. A
+    factory that cannot be pickled cannot reach the workers: a clear error before any task."""
+    import hashlib
+
+    import cloudpickle
+    try:
+        data = cloudpickle.dumps(factory)
+    except Exception as e:            # noqa: BLE001 - whatever pickling raises, the cause is the factory
+        raise FlareInputError(None, f"{what} {factory!r} cannot be sent to Dask workers "
+                                    f"({type(e).__name__}: {e}); use a module-level function") from e
+    return hashlib.sha256(data).hexdigest()[:16]
+
 
 def map_cases(client, fn: Callable[[Any], T], items: Iterable[tuple[str, Any]], *, key_prefix: str,
               retries: int = DEFAULT_RETRIES, progress: Callable[[int, int, str], None] | None = None

@@ -33,8 +33,8 @@ DEFAULT_LOCAL_WORKERS = 2
 
 @dataclass
 class ClusterParams:
-    """Where per-case work runs (pseudo-label rounds). Options not used by the chosen `type` must
-    stay unset (null), so a misplaced option is an error rather than silently ignored."""
+    """Where per-case work runs (pseudo-label rounds, inference, evaluation). Options not used by the
+    chosen `type` must stay unset (null), so a misplaced option is an error rather than silently ignored."""
     type: Literal["local", "local_cluster", "address", "slurm"] = "local"
     # every type but local
     torch_threads: int = 1               # torch threads of each worker (Dask starts workers with 1)
@@ -169,6 +169,14 @@ def as_cluster_params(value: ClusterParams | Mapping[str, Any] | None, where: st
 # ----------------------------------------------------------------------------------------------
 # SLURM
 
+# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (`distributed.nanny.pre-spawn-environ`).
+# Setting it switches off glibc's dynamic mmap threshold, so every large temporary array of a case
+# is a fresh mmap with its page faults: a pseudo-label case took 0.65 s instead of 0.31 s (docs/
+# benchmarks.md, "Per-case work on Dask"). Our workers keep glibc's default (the variable unset).
+KEEP_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+KEEP_MALLOC_ENV = "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"   # a dict value: its keys keep their case
+
+
 def slurm_options(c: ClusterParams) -> tuple[dict[str, Any], int]:
     """(keyword arguments of dask_jobqueue.SLURMCluster, jobs to submit) for a slurm section.
 
@@ -183,6 +191,7 @@ def slurm_options(c: ClusterParams) -> tuple[dict[str, Any], int]:
         extra.append(f"--gres=gpu:{gpus}")
         if gpus > 1:
             prologue.append(f"export {PIN_GPUS_ENV}=1")
+    prologue.append(f"export {KEEP_MALLOC_ENV}=\"{{'MALLOC_TRIM_THRESHOLD_': None}}\"")   # see KEEP_MALLOC
     opts: dict[str, Any] = {"cores": int(c.cores), "memory": c.memory, "processes": max(1, gpus),
                             "job_extra_directives": extra, "job_script_prologue": prologue}
     for key in ("queue", "account", "walltime", "local_directory", "log_directory", "python", "interface"):
@@ -273,7 +282,9 @@ def open_cluster(params: ClusterParams | Mapping[str, Any] | None, *, device: st
             client = stack.enter_context(_connect(c.address, c.connect_timeout))
             what = f"Dask scheduler {c.address} ({len(client.scheduler_info().get('workers', {}))} worker(s) now)"
         elif c.type == "local_cluster":
-            cluster, n, gpus = _local_cluster(c, device)
+            import dask
+            with dask.config.set(KEEP_MALLOC):       # read by each nanny when it is made
+                cluster, n, gpus = _local_cluster(c, device)
             stack.enter_context(cluster)
             client = stack.enter_context(Client(cluster, timeout=f"{float(c.connect_timeout)}s"))
             what = (f"Dask LocalCluster: {n} worker process(es) x {int(c.threads_per_worker or 1)} thread(s)"

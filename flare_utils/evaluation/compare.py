@@ -24,7 +24,7 @@ import pandas as pd
 from flare_utils.data.labels import ORGANS
 
 __all__ = ["COMPARISONS", "Comparison", "PairedDifference", "paired_difference", "pooled_difference",
-           "case_scores", "run_case_scores", "run_comparisons"]
+           "over_seeds", "case_scores", "run_case_scores", "run_comparisons"]
 
 N_BOOT = 10_000
 LEVEL = 0.95
@@ -157,6 +157,27 @@ def pooled_difference(groups: Sequence[tuple[Sequence[float], Sequence[float]]],
         counts += w[idx].sum(axis=1)
     low, high = _interval(totals / counts, level, n_units)
     return PairedDifference(n_units, mean, low, high, level)
+
+
+def over_seeds(seed_means: Sequence[float], direction: int = 1, level: float = LEVEL) -> dict:
+    """The difference with the seed as the unit: the mean of the per-seed mean differences and its
+    t interval over seeds (n - 1 degrees of freedom). The pooled bootstrap resamples cases within
+    the seeds that were run, so it leaves out how much a result moves from one cohort and training
+    seed to the next; this interval includes that spread (and is wide with few seeds)."""
+    from scipy import stats
+    x = np.asarray([v for v in seed_means if v is not None and math.isfinite(v)], dtype=np.float64)
+    n = int(x.size)
+    out = {"n_seeds": n, "mean": float(x.mean()) if n else math.nan, "low": math.nan, "high": math.nan,
+           "level": level, "method": "t interval over per-seed mean differences"}
+    if n >= 2:
+        half = float(stats.t.ppf(1 - (1 - level) / 2, df=n - 1) * x.std(ddof=1) / math.sqrt(n))
+        out["low"], out["high"] = out["mean"] - half, out["mean"] + half
+    above, below = out["low"] > 0, out["high"] < 0          # False when NaN
+    out["distinguishable"] = bool(above or below)
+    s = (1 if above else -1 if below else 0) * direction
+    out["verdict"] = ("too few seeds to tell" if n < 2 else "as in the papers" if s > 0 else
+                      "opposite to the papers" if s < 0 else "not distinguishable from zero")
+    return out
 
 
 def case_scores(per_case: pd.DataFrame, metric: str) -> pd.Series:

@@ -26,7 +26,7 @@ from flare_utils.errors import FlareInputError
 from flare_utils.data.io import atomic_write_text, nifti_by_case, read_label_map
 from flare_utils.data.labels import NUM_CLASSES, ORGANS
 from flare_utils.evaluation.metrics import DEFAULT_REVISION, _check_revision, evaluate_case, scores_to_row
-from flare_utils.utilities.parallel import map_processes
+from flare_utils.distributed.cases import map_ordered
 
 CSV_NAME = "metrics_per_case.csv"
 SUMMARY_NAME = "summary.json"
@@ -147,7 +147,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
                      revision: str = DEFAULT_REVISION, hd95: bool = False, processes: int = 2,
                      cases: Iterable[str] | None = None, allow_missing: bool = False,
                      exact_official_zcut: bool = True, decimals: int | None = None,
-                     strict: bool = False) -> EvaluationResult:
+                     strict: bool = False, client=None) -> EvaluationResult:
     """Score every ground-truth case in `gt_dir` against `pred_dir/<case>.nii.gz`.
 
     cases: restrict to these case ids (each must have a ground truth).
@@ -155,6 +155,8 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
     strict: refuse label values outside 0-13 (FlareInputError naming the file); by default they count
         as background, as in the official script, with a warning and counts in the summary.
     processes: worker processes (spawned); 1 evaluates in this process.
+    client: a `distributed.Client` (`flare_utils.distributed.open_cluster`): one task per case on its
+        workers instead of local processes (`distributed.cases.map_ordered`); the same results.
     decimals: round the CSV / DataFrame values (the official script rounds to 4); the summary is
         always computed from unrounded values.
     JSON has no NaN/inf: NaN is written as null and inf as the string "inf".
@@ -183,7 +185,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
     kw = {"revision": revision, "hd95": hd95, "exact_official_zcut": exact_official_zcut}
     tasks = [(cid, str(preds[cid]) if cid in preds else None, str(gts[cid]), kw, bool(strict))
              for cid in sorted(gts)]
-    results = map_processes(_evaluate_one, tasks, processes)
+    results = map_ordered(_evaluate_one, tasks, client=client, processes=processes, key_prefix="evaluate")
     for _cid, _row, err, _unknown in results:
         if err is not None:
             raise FlareInputError(err[0], err[1])

@@ -20,7 +20,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 
@@ -93,30 +93,35 @@ def _keep_foreign_files(old: Path, new: Path) -> None:
 def evaluate_stage(run_dir: str | Path, ground_truth_dir: str | Path | None = None,
                    image_dir: str | Path | None = None, prediction_sets: Mapping[str, str | Path] | None = None,
                    timing_files: Mapping[str, str | Path] | None = None, revision: str = "2022",
-                   hd95: bool = False, processes: int = 2, *,
+                   hd95: bool = False, processes: int = 2, cluster: Mapping[str, Any] | None = None, *,
                    log: Callable[[str], None] = print) -> EvaluationStageResult:
     """Score `prediction_sets` ({name: prediction folder}) against `ground_truth_dir` and write the
     tables and pictures into `<run>/evaluation/` (replacing the previous evaluation as a whole).
 
     image_dir: images (`<case>_0000.nii.gz`) under the overlay pictures (optional);
     timing_files: {name: efficiency JSON} for the efficiency table (optional);
-    revision: "2022" (the challenge's script) or "2024"; hd95: also the 95th percentile Hausdorff distance."""
+    revision: "2022" (the challenge's script) or "2024"; hd95: also the 95th percentile Hausdorff distance.
+    cluster: the params' `cluster:` section (`flare_utils.distributed.ClusterParams` fields; None or
+    type local: `processes` local processes): the cases are scored on that Dask cluster, one task per
+    case, opened for the stage and closed at its end (tables and pictures are made in this process)."""
+    from flare_utils.distributed.cluster import as_cluster_params, open_cluster
     from flare_utils.evaluation.evaluate import evaluate_folders
     from flare_utils.study import report
     if not prediction_sets:
         raise FlareInputError(None, "prediction_sets is empty: give at least one {name: prediction folder}")
     if not ground_truth_dir:
         raise FlareInputError(None, "ground_truth_dir is empty: give the folder of ground-truth label maps")
+    cluster_params = as_cluster_params(cluster or None)     # a bad section fails before anything runs
     run = RunLayout(run_dir)
     out = run.evaluation
     slugs = report.set_slugs(prediction_sets)
     metrics = ["DSC", "NSD"] + (["HD95"] if hd95 else [])
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, overwrite=True) as tmp, open_cluster(cluster_params, device="cpu", say=log) as client:
         tmp.chmod(0o755)                       # a folder like the others of the run (mkdtemp makes it private)
         per_case, summaries = {}, {}
         for name, folder in prediction_sets.items():
             res = evaluate_folders(folder, ground_truth_dir, tmp / slugs[name], revision=revision, hd95=hd95,
-                                   processes=processes)
+                                   processes=processes, client=client)
             per_case[name], summaries[name] = res.per_case, res.summary
             log(f"{name}: {res.summary['n_cases']} cases, mean DSC {res.summary['mean_dsc']:.4f}, "
                 f"mean NSD {res.summary['mean_nsd']:.4f} -> {out / slugs[name]}")

@@ -17,7 +17,7 @@ from typing import Any
 
 from flare_utils.data.io import json_default
 from flare_utils.utilities.memory import peak_rss_mib
-from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
+from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_GRID, DEFAULT_INPLANE_STEP
 
 try:  # the project's resource monitor (FLARE22-style sampling); optional
     from flare_utils.evaluation.efficiency import ResourceMonitor
@@ -43,6 +43,7 @@ class CaseReport:
     device: str = "cpu"
     centre_threshold: int = DEFAULT_CENTRE_THRESHOLD
     inplane_step: float = DEFAULT_INPLANE_STEP
+    inplane_grid: str = DEFAULT_INPLANE_GRID
     crop: str = "body"
     original_shape: list = field(default_factory=list)
     original_spacing: list = field(default_factory=list)

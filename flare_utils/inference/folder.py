@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from flare_utils.inference.predictor import EfficientPredictor
 
-__all__ = ["predict_folder", "done_report"]
+__all__ = ["predict_folder", "done_report", "folder_jobs", "write_run_files"]
 
 
 def done_report(report: Path, producer: str, image: Path, output: Path) -> CaseReport | None:
@@ -47,26 +47,9 @@ def predict_folder(predictor: "EfficientPredictor", in_dir: str | Path, out_dir:
                    files: Sequence[str | Path] | None = None) -> "pd.DataFrame":
     """Segment every NIfTI of `in_dir` (or `files`) with `predictor` into `out_dir/<case>.nii.gz`
     (case id without _0000); see `EfficientPredictor.predict_folder`."""
-    import pandas as pd
-    if on_error not in ("raise", "skip"):
-        raise FlareInputError(None, f"on_error must be 'raise' or 'skip', got {on_error!r}")
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    if files is None:
-        if not in_dir.is_dir():
-            raise FlareInputError(in_dir, "input folder not found")
-        files = list_nifti(in_dir)
-        if not files:
-            raise FlareInputError(in_dir, "no NIfTI images (.nii.gz, .nii) in the input folder")
-    files = [Path(f) for f in files]
-    ids = [case_id_from_path(f, channel_suffix=True) for f in files]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise FlareInputError(in_dir, f"several images map to the same case id: {dup}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = folder_jobs(in_dir, out_dir, on_error, files)
     eff_dir = out_dir / EFFICIENCY_DIR
-    remove_stale_temporaries(out_dir)
-    remove_stale_temporaries(eff_dir)
-    jobs = [(f, cid, out_dir / f"{cid}.nii.gz") for f, cid in zip(files, ids)]
     producer = predictor.producer_key()
     reports: dict[str, CaseReport] = {}
     for f, cid, out in jobs:         # resume: a case is done when this model and these settings made its file
@@ -155,6 +138,45 @@ def predict_folder(predictor: "EfficientPredictor", in_dir: str | Path, out_dir:
         t_w.join()
     wall = time.perf_counter() - t_run
 
+    df = write_run_files(eff_dir, jobs, reports, {cid: str(e) for cid, e in errors}, wall, {
+        "maxrss_mib": peak_rss_mib(), "mode": predictor.mode, "folds": list(predictor.folds), "tta": predictor.tta,
+        "device": str(predictor.device)})
+    if errors and on_error == "raise":
+        cid, e = errors[0]
+        if isinstance(e, FlareInputError):
+            raise e
+        raise RuntimeError(f"case {cid}: {type(e).__name__}: {e}") from e
+    return df
+
+
+def folder_jobs(in_dir: Path, out_dir: Path, on_error: str = "raise",
+                files: Sequence[str | Path] | None = None) -> list[tuple[Path, str, Path]]:
+    """(image, case id, output label file) of every case of a folder run (checked: the images exist,
+    distinct case ids); creates `out_dir` and removes the temporaries an interrupted run left."""
+    if on_error not in ("raise", "skip"):
+        raise FlareInputError(None, f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if files is None:
+        if not in_dir.is_dir():
+            raise FlareInputError(in_dir, "input folder not found")
+        files = list_nifti(in_dir)
+        if not files:
+            raise FlareInputError(in_dir, "no NIfTI images (.nii.gz, .nii) in the input folder")
+    files = [Path(f) for f in files]
+    ids = [case_id_from_path(f, channel_suffix=True) for f in files]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise FlareInputError(in_dir, f"several images map to the same case id: {dup}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    remove_stale_temporaries(out_dir / EFFICIENCY_DIR)
+    return [(f, cid, out_dir / f"{cid}.nii.gz") for f, cid in zip(files, ids)]
+
+
+def write_run_files(eff_dir: Path, jobs, reports: dict[str, CaseReport], errors: dict[str, str], wall: float,
+                    run_info: dict) -> "pd.DataFrame":
+    """The folder run's table (`summary.csv`, one row per case in job order) and totals (`run.json`:
+    counts, errors, wall and network time, then `run_info`: maxrss_mib, mode, folds, tta, device...)."""
+    import pandas as pd
     rows = [reports[cid].to_row() for _, cid, _ in jobs if cid in reports]
     df = pd.DataFrame(rows)
     eff_dir.mkdir(parents=True, exist_ok=True)
@@ -163,14 +185,7 @@ def predict_folder(predictor: "EfficientPredictor", in_dir: str | Path, out_dir:
     atomic_write_json(eff_dir / RUN_JSON, {
         "cases": len(jobs), "predicted": len(done),
         "skipped_existing": sum(r.skipped_existing for r in reports.values()),
-        "errors": {cid: str(e) for cid, e in errors}, "wall_s": wall,
-        "network_s": sum(r.time_network_s for r in done),
-        "maxrss_mib": peak_rss_mib(), "mode": predictor.mode, "folds": list(predictor.folds), "tta": predictor.tta,
-        "device": str(predictor.device)})
+        "errors": dict(errors), "wall_s": wall,
+        "network_s": sum(r.time_network_s for r in done), **run_info})
     df.attrs["wall_s"] = wall
-    if errors and on_error == "raise":
-        cid, e = errors[0]
-        if isinstance(e, FlareInputError):
-            raise e
-        raise RuntimeError(f"case {cid}: {type(e).__name__}: {e}") from e
     return df

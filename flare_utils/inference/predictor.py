@@ -45,10 +45,12 @@ from flare_utils.data.io import (atomic_write_json, case_id_from_path, save_nift
                                  save_nifti_planes_like)
 from flare_utils.errors import FlareInputError
 from flare_utils.inference.case_report import EFFICIENCY_DIR, CaseReport, file_stat, resource_monitor
-from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP, MODES
+from flare_utils.inference.defaults import (ADAPTIVE_MAX_STEP, DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_GRID,
+                                            DEFAULT_INPLANE_STEP, INPLANE_GRIDS, MODES)
 from flare_utils.inference.folder import predict_folder
 from flare_utils.inference.folds import available_folds, model_identity, normalise_folds
 from flare_utils.inference.images import StoredImage, long_axis_of_affine, read_image
+from flare_utils.inference.backends import BACKENDS, wrap_networks
 from flare_utils.inference.onednn import use_onednn_convolutions
 from flare_utils.inference.resample import (CROP_MODES, DEFAULT_BODY_HU, CTNormalizer, body_bbox, compute_new_shape,
                                             label_planes, resample_to_grid, separate_z_axis)
@@ -109,20 +111,26 @@ class EfficientPredictor(nnUNetPredictor):
     * sliding window (`sliding_window`): `mode="efficient"` runs 3x3 windows per z step, centre
       first, and skips the 8 neighbours when the centre window predicts fewer than
       `centre_threshold` foreground voxels (1 = the paper's "no foreground"; 0 = never skip);
+      `inplane_grid="adaptive"` spreads the in-plane windows over a body wider than the paper's
+      band (`sliding_window.adaptive_positions`), "paper" keeps the paper's 3x3;
       `mode="full"` is nnU-Net's regular tiling through the same code (the same logits as
       `nnUNetPredictor.predict_sliding_window_return_logits`);
     * several folds are evaluated window by window and their softmax probabilities averaged (the
       FLARE recipe's ensemble); one fold accumulates logits, as nnU-Net does;
     * no mirroring by default (`tta=True` adds nnU-Net's mirroring over the checkpoint's allowed
       axes); fp16 autocast on CUDA (`fp16`); on CPU the Conv3d layers call oneDNN directly
-      (`onednn`, default on for CPU; see `use_onednn_convolutions`);
+      (`onednn`, default on for CPU; see `use_onednn_convolutions`); `backend="openvino"` or
+      `"onnx"` runs the windows' network in OpenVINO / ONNX Runtime instead (CPU only, optional
+      packages; `flare_utils.inference.backends`);
     * argmax on the device while the windows stream along z, then nearest-neighbour resampling of
       the *label map* (not the probabilities) into the uncropped original grid, written as uint8
       NIfTI with exactly the input's header and affine, atomically; with an output file the map is
       streamed plane by plane into it (`resample.label_planes` -> `io.save_nifti_planes_like`).
 
     Other parameters: device "auto" | "cpu" | "cuda" | "cuda:N" | "mps"; step_size (z step and
-    full-mode step, fraction of the patch, 0.5); inplane_step (3x3 grid spacing, 0.5); spacing
+    full-mode step, fraction of the patch, 0.5); inplane_step (3x3 grid spacing, 0.5; with the
+    adaptive grid the smallest spacing); inplane_grid ("paper" or "adaptive"); adaptive_max_step
+    (adaptive: largest spacing of neighbouring windows before another ring is added, 2/3); spacing
     (z, y, x) to predict at instead of the plans' (3D-CPS's test-time trick); crop "body" |
     "nonzero" | "none"; batch_size (neighbour windows per forward call; 1 on CPU, 4 on CUDA);
     monitor (a ResourceMonitor per case). Each case yields a `CaseReport`. On a CPU shared with
@@ -132,16 +140,19 @@ class EfficientPredictor(nnUNetPredictor):
     def __init__(self, mode: str = "efficient", device: str | torch.device = "auto", tta: bool = False,
                  centre_threshold: int = DEFAULT_CENTRE_THRESHOLD, step_size: float = 0.5,
                  inplane_step: float = DEFAULT_INPLANE_STEP, spacing: Sequence[float] | None = None,
-                 crop: str = "body",
+                 crop: str = "body", inplane_grid: str = DEFAULT_INPLANE_GRID,
+                 adaptive_max_step: float = ADAPTIVE_MAX_STEP,
                  body_threshold_hu: float = DEFAULT_BODY_HU, batch_size: int | None = None,
                  fp16: bool = True, monitor: bool = True, onednn: bool | None = None,
-                 verbose: bool = False):
+                 backend: str = "torch", verbose: bool = False):
         if mode not in MODES:
             raise FlareInputError(None, f"mode must be one of {MODES}, got {mode!r}")
         if crop not in CROP_MODES:
             raise FlareInputError(None, f"crop must be one of {CROP_MODES}, got {crop!r}")
-        if not 0 < step_size <= 1 or not 0 < inplane_step <= 1:
-            raise FlareInputError(None, "step_size and inplane_step must be in (0, 1]")
+        if inplane_grid not in INPLANE_GRIDS:
+            raise FlareInputError(None, f"inplane_grid must be one of {INPLANE_GRIDS}, got {inplane_grid!r}")
+        if not 0 < step_size <= 1 or not 0 < inplane_step <= 1 or not 0 < adaptive_max_step <= 1:
+            raise FlareInputError(None, "step_size, inplane_step and adaptive_max_step must be in (0, 1]")
         if int(centre_threshold) < 0:
             raise FlareInputError(None, f"centre_threshold must be >= 0, got {centre_threshold}")
         if spacing is not None:
@@ -156,12 +167,17 @@ class EfficientPredictor(nnUNetPredictor):
         self.mode, self.tta = mode, bool(tta)
         self.centre_threshold = int(centre_threshold)
         self.inplane_step = float(inplane_step)
+        self.inplane_grid, self.adaptive_max_step = inplane_grid, float(adaptive_max_step)
         self.enforced_spacing = spacing
         self.crop, self.body_threshold_hu = crop, float(body_threshold_hu)
         self.batch_size = int(batch_size) if batch_size else (4 if dev.type == "cuda" else 1)
         self.fp16 = bool(fp16)
         self.monitor = bool(monitor)
         self.onednn = dev.type == "cpu" if onednn is None else bool(onednn) and dev.type == "cpu"
+        if backend not in BACKENDS or (backend != "torch" and dev.type != "cpu"):
+            raise FlareInputError(None, f"backend must be one of {BACKENDS} (other than torch: CPU only), "
+                                        f"got {backend!r} on {dev.type}")
+        self.backend = backend
         self.networks: list[torch.nn.Module] = []
         self.folds: tuple = ()
         self.model_dir: Path | None = None
@@ -222,6 +238,8 @@ class EfficientPredictor(nnUNetPredictor):
         if self.onednn:
             for net in (*self.networks, self.network):
                 use_onednn_convolutions(net)
+        if self.backend != "torch":     # the windows' networks; self.network (nnU-Net's seam) stays torch
+            self.networks = wrap_networks(self.networks, self.patch_size, self.backend)
         self.folds = tuple(use_folds)
         self.model_dir = model_dir
         self.model_key = model_identity(model_dir, use_folds, checkpoint_name)
@@ -390,7 +408,7 @@ class EfficientPredictor(nnUNetPredictor):
         """Window grid of `mode` (default: the predictor's) for an unpadded network shape."""
         padded = tuple(max(int(s), p) for s, p in zip(shape, self.patch_size))
         return make_grid(mode or self.mode, padded, self.patch_size, long_axis, self.tile_step_size,
-                         self.inplane_step)
+                         self.inplane_step, self.inplane_grid, self.adaptive_max_step)
 
     @torch.inference_mode()
     def predict_preprocessed(self, data: torch.Tensor, long_axis: int = 0, *, mode: str | None = None,
@@ -402,7 +420,7 @@ class EfficientPredictor(nnUNetPredictor):
         data = data.to(self.device)
         padded, revert = pad_nd_image(data, self.patch_size, "constant", {"value": 0}, True, None)
         grid = make_grid(mode or self.mode, padded.shape[1:], self.patch_size, long_axis, self.tile_step_size,
-                         self.inplane_step)
+                         self.inplane_step, self.inplane_grid, self.adaptive_max_step)
         res = run_sliding_window(padded, grid, self._forward_with(networks or self.networks), self.num_classes,
                                  self._gaussian(), self.centre_threshold, keep_logits=keep_logits,
                                  batch_size=self.batch_size)
@@ -435,7 +453,7 @@ class EfficientPredictor(nnUNetPredictor):
         return CaseReport(
             case_id=pre.case_id, input=pre.source, mode=self.mode, folds=list(self.folds), tta=self.tta,
             device=str(self.device), centre_threshold=self.centre_threshold,
-            inplane_step=self.inplane_step, crop=self.crop,
+            inplane_step=self.inplane_step, inplane_grid=self.inplane_grid, crop=self.crop,
             original_shape=list(pre.shape), original_spacing=list(pre.zooms),
             crop_box=[[s.start, s.stop] for s in pre.crop], network_shape=list(labels_shape),
             padded_shape=list(grid.shape), network_spacing=list(pre.network_spacing),
@@ -496,6 +514,10 @@ class EfficientPredictor(nnUNetPredictor):
                     "centre_threshold": self.centre_threshold, "inplane_step": self.inplane_step,
                     "spacing": self.enforced_spacing, "crop": self.crop, "body_hu": self.body_threshold_hu,
                     "fp16": self.fp16 and self.device.type == "cuda"}
+        if self.backend != "torch":           # float32 rounding of another kernel order: labels may differ
+            settings.update(backend=self.backend)
+        if self.inplane_grid != "paper":      # the paper's grid keeps the keys made before the option existed
+            settings.update(inplane_grid=self.inplane_grid, adaptive_max_step=self.adaptive_max_step)
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def _label_dtype(self):

@@ -17,7 +17,7 @@ import pandas as pd
 from flare_utils.data.io import atomic_write_text
 from flare_utils.errors import FlareInputError
 from flare_utils.inference.case_report import EFFICIENCY_DIR
-from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
+from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_GRID, DEFAULT_INPLANE_STEP
 
 CASES_EFFICIENCY = "cases_efficiency.json"
 SUMMARY_JSON = "summary.json"
@@ -48,28 +48,37 @@ def _recorded(path: Path, folder: Path) -> str:
 def predict_models(models: Mapping[str, Mapping[str, Any]], input_dir: str | Path,
                    outputs: Mapping[str, str | Path], *, mode: str = "efficient", device: str = "auto",
                    tta: bool = False, centre_threshold: int = DEFAULT_CENTRE_THRESHOLD,
-                   inplane_step: float = DEFAULT_INPLANE_STEP,
+                   inplane_step: float = DEFAULT_INPLANE_STEP, inplane_grid: str = DEFAULT_INPLANE_GRID,
                    summary_dir: str | Path | None = None,
-                   log=print) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+                   log=print, client=None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Predict `input_dir` with each model ({name: {"path": results folder, "folds": [...]}}) into
     `outputs[name]`. Returns (one overview row per model, {name: per-case table}); with
     `summary_dir` the overview is also written there (summary.csv, summary.json with each model's
-    output folder and timing file, which the evaluation stage reads)."""
-    from flare_utils.inference.predictor import EfficientPredictor   # imports nnU-Net: only when used
+    output folder and timing file, which the evaluation stage reads).
+    `client`: a `distributed.Client` (`flare_utils.distributed.open_cluster`): each model's cases are
+    predicted on its workers, one task per case, each worker building the model once
+    (`cluster_folder.predict_folder_on_cluster`: the same files; this process writes the summaries)."""
     if not models:
         raise FlareInputError(None, "no model to predict with")
     missing = [n for n in models if n not in outputs]
     if missing:
         raise FlareInputError(None, f"no output folder for model(s) {missing}")
+    options = {"mode": mode, "device": device, "tta": tta, "centre_threshold": centre_threshold,
+               "inplane_step": inplane_step, "inplane_grid": inplane_grid}
     rows, tables, entries = [], {}, {}
     for name, m in models.items():
         out = Path(outputs[name])
-        predictor = EfficientPredictor.from_results_folder(m["path"], folds=m.get("folds", (0,)), mode=mode,
-                                                           device=device, tta=tta, centre_threshold=centre_threshold,
-                                                           inplane_step=inplane_step)
-        log(f"{name}: {m['path']} folds {list(predictor.folds)} -> {out}")
-        table = predictor.predict_folder(input_dir, out)
-        del predictor
+        if client is not None:
+            from flare_utils.inference.cluster_folder import predict_folder_on_cluster
+            log(f"{name}: {m['path']} folds {list(m.get('folds', (0,)))} -> {out} (on the Dask cluster)")
+            table = predict_folder_on_cluster(client, m["path"], input_dir, out, folds=m.get("folds", (0,)),
+                                              options=options, log=log)
+        else:
+            from flare_utils.inference.predictor import EfficientPredictor   # imports nnU-Net: only when used
+            predictor = EfficientPredictor.from_results_folder(m["path"], folds=m.get("folds", (0,)), **options)
+            log(f"{name}: {m['path']} folds {list(predictor.folds)} -> {out}")
+            table = predictor.predict_folder(input_dir, out)
+            del predictor
         tables[name] = table
         timing = _timing_file(out, table["case_id"])
         predicted = table[~table["skipped_existing"].astype(bool)] if "skipped_existing" in table else table
@@ -94,5 +103,5 @@ def predict_models(models: Mapping[str, Mapping[str, Any]], input_dir: str | Pat
         atomic_write_text(d / SUMMARY_JSON, json.dumps(
             {"input_dir": str(input_dir), "mode": mode, "tta": bool(tta), "device": device,
              "centre_threshold": int(centre_threshold), "inplane_step": float(inplane_step),
-             "models": entries}, indent=1))
+             "inplane_grid": inplane_grid, "models": entries}, indent=1))
     return overview, tables

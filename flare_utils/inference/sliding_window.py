@@ -9,6 +9,15 @@ sees no organ: far fewer network calls for the same model. Both grids go through
 (`run_sliding_window`) with nnU-Net's Gaussian weighting, so "full" gives nnU-Net's own logits and
 the two modes differ only in which windows run (`make_grid`). Everything here is in voxels of the
 network grid (after cropping, resampling and padding to at least one patch per axis).
+
+The paper's 3x3 grid covers a band of two patch widths around the centre (at its 0.5 step). Its
+model's in-plane patch spans most of a body; a smaller patch does not, and on a body wider than the
+band the outer voxels are seen only at the edge of one window, or by none. The efficient mode's
+`inplane_grid="adaptive"` keeps the paper's windows where the body fits in the band and otherwise
+spreads them to the body's edges (the grid's in-plane shape is the body-cropped extent), adding a
+ring of windows per axis only when neighbouring windows would be more than `max_step` patches
+apart (`adaptive_positions`); the centre window still runs first and decides whether the rest run.
+`inplane_grid="paper"` is the paper's exact grid.
 """
 from __future__ import annotations
 
@@ -20,7 +29,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP, MODES
+from flare_utils.inference.defaults import (ADAPTIVE_MAX_STEP, DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_GRID,
+                                            DEFAULT_INPLANE_STEP, INPLANE_GRIDS, MODES)
 
 
 def nnunet_steps(size: int, patch: int, step: float = 0.5) -> list[int]:
@@ -54,6 +64,34 @@ def centred_positions(size: int, patch: int, step: float = 0.5, n: int = 3) -> t
     return pos, c
 
 
+def adaptive_positions(size: int, patch: int, step: float = 0.5,
+                       max_step: float = ADAPTIVE_MAX_STEP) -> tuple[list[int], int]:
+    """Window starts along one in-plane axis that cover the whole axis; and the centre window's start.
+
+    Where the paper's 3 windows (`centred_positions`, `step` patches apart) reach both ends of the
+    axis (size - patch <= 2 * round(patch * step)) they are returned unchanged. Otherwise
+    n = 2m + 1 windows (m >= 1, the smallest that keeps neighbours at most max(max_step, step)
+    patches apart) spread evenly from 0 to the centre c = (size - patch) // 2 and from c to
+    size - patch: the first window starts at the axis's first voxel, the last ends at its last, the
+    centre is the paper's. Needs size >= patch (pad first).
+    """
+    if size < patch:
+        raise ValueError(f"axis of size {size} is smaller than the patch {patch}: pad first")
+    if not 0 < max_step <= 1:
+        raise ValueError(f"max_step must be in (0, 1], got {max_step}")
+    span, h = size - patch, max(1, int(round(patch * step)))
+    if span <= 2 * h:
+        return centred_positions(size, patch, step, 3)
+    c = span // 2
+    limit = max(max_step, step) * patch
+    m = 1
+    while (span - c) / m > limit:
+        m += 1
+    pos = [int(math.floor(c * i / m + 0.5)) for i in range(m + 1)]
+    pos += [c + int(math.floor((span - c) * i / m + 0.5)) for i in range(1, m + 1)]
+    return sorted(set(pos)), c
+
+
 @dataclass(frozen=True)
 class WindowGrid:
     """Where windows may run. Starts are per array axis; `groups()` gives the run order."""
@@ -65,6 +103,7 @@ class WindowGrid:
     plane_axes: tuple[int, int]
     plane_starts: tuple[tuple[int, ...], tuple[int, ...]]
     centre: tuple[int, int] | None = None     # in-plane start of the centre window (efficient)
+    inplane_grid: str | None = None           # efficient: "paper" or "adaptive" (how plane_starts were made)
 
     @property
     def n_long(self) -> int:
@@ -98,7 +137,8 @@ class WindowGrid:
 
 
 def make_grid(mode: str, shape: Sequence[int], patch: Sequence[int], long_axis: int = 0, step: float = 0.5,
-              inplane_step: float = DEFAULT_INPLANE_STEP) -> WindowGrid:
+              inplane_step: float = DEFAULT_INPLANE_STEP, inplane_grid: str = DEFAULT_INPLANE_GRID,
+              max_step: float = ADAPTIVE_MAX_STEP) -> WindowGrid:
     """The window grid of `mode` ("efficient" or "full") on a padded shape (>= patch per axis).
 
     "full" (nnU-Net's regular tiling): on every axis the starts of nnU-Net's
@@ -110,7 +150,11 @@ def make_grid(mode: str, shape: Sequence[int], patch: Sequence[int], long_axis: 
     covers [c - P/2, c + 3P/2): two patch widths in-plane, centred on the (body-cropped) image;
     an organ entirely outside that band is missed by design. A smaller `inplane_step` (0.33)
     narrows the band to 1 + 2 * step patches but puts every voxel in it nearer a window centre, for
-    the same 9 windows (how each fares on the benchmark cases: docs/benchmarks.md).
+    the same 9 windows (how each fares on the benchmark cases: docs/benchmarks.md). That is
+    `inplane_grid="paper"`; `"adaptive"` takes each in-plane axis's starts from
+    `adaptive_positions`: the same where the band covers the axis, else spread over the whole axis
+    (3 windows, or 5, 7... when neighbours would be more than `max_step` patches apart). Both keep
+    the centre window first. "full" ignores inplane_step, inplane_grid and max_step.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -121,13 +165,18 @@ def make_grid(mode: str, shape: Sequence[int], patch: Sequence[int], long_axis: 
         raise ValueError(f"shape {shape} is smaller than the patch {patch}: pad first")
     if long_axis not in (0, 1, 2):
         raise ValueError(f"long_axis must be 0, 1 or 2, got {long_axis}")
+    if inplane_grid not in INPLANE_GRIDS:
+        raise ValueError(f"inplane_grid must be one of {INPLANE_GRIDS}, got {inplane_grid!r}")
     plane = tuple(a for a in range(3) if a != long_axis)
     zs = tuple(nnunet_steps(shape[long_axis], patch[long_axis], step))
     if mode == "full":
         ps = tuple(tuple(nnunet_steps(shape[a], patch[a], step)) for a in plane)
         return WindowGrid(mode, shape, patch, long_axis, zs, plane, ps, None)
-    (pa, ca), (pb, cb) = (centred_positions(shape[a], patch[a], inplane_step) for a in plane)
-    return WindowGrid(mode, shape, patch, long_axis, zs, plane, (tuple(pa), tuple(pb)), (ca, cb))
+    if inplane_grid == "adaptive":
+        (pa, ca), (pb, cb) = (adaptive_positions(shape[a], patch[a], inplane_step, max_step) for a in plane)
+    else:
+        (pa, ca), (pb, cb) = (centred_positions(shape[a], patch[a], inplane_step) for a in plane)
+    return WindowGrid(mode, shape, patch, long_axis, zs, plane, (tuple(pa), tuple(pb)), (ca, cb), inplane_grid)
 
 
 def nnunet_window_count(shape: Sequence[int], patch: Sequence[int], step: float = 0.5) -> int:
@@ -231,8 +280,9 @@ def run_sliding_window(data: torch.Tensor, grid: WindowGrid, forward: Callable[[
     always runs alone).
 
     Efficient mode: at each z step the centre window runs first; when its own prediction (argmax
-    over classes) holds fewer than `centre_threshold` foreground voxels, its 8 neighbours are
-    skipped (1, the default, is the paper's "no foreground in the centre window"; 0 never skips).
+    over classes) holds fewer than `centre_threshold` foreground voxels, the z step's other windows
+    (8 on the paper's grid) are skipped (1, the default, is the paper's "no foreground in the centre
+    window"; 0 never skips).
     Foreground only in a neighbour window of such a z step is missed by design.
 
     Each window's output times the Gaussian is added into a float32 accumulator together with the

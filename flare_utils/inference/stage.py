@@ -23,7 +23,7 @@ import pandas as pd
 from flare_utils.data.io import atomic_write_text
 from flare_utils.errors import FlareInputError
 from flare_utils.inference.case_report import EFFICIENCY_DIR, RUN_JSON, SUMMARY_CSV
-from flare_utils.inference.sliding_window import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
+from flare_utils.inference.sliding_window import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_GRID, DEFAULT_INPLANE_STEP
 from flare_utils.layout import RunLayout
 
 NOTEBOOK_SUMMARY = "notebook_summary.json"     # <showcase output>/efficiency/notebook_summary.json
@@ -84,7 +84,7 @@ def _resolve_models(run: RunLayout, models, model_dir, folds, output_dir, mode):
 
 
 def _mean_dsc(outputs: Mapping[str, Path], tables: Mapping[str, pd.DataFrame],
-              ground_truth_dir: str | Path | None) -> dict[str, float | None]:
+              ground_truth_dir: str | Path | None, client=None) -> dict[str, float | None]:
     """Mean DSC (organs and cases) of each model's predictions with a ground truth."""
     if not ground_truth_dir:
         return {}
@@ -96,13 +96,14 @@ def _mean_dsc(outputs: Mapping[str, Path], tables: Mapping[str, pd.DataFrame],
         if not cases:
             dsc[name] = None
             continue
-        res = evaluate_folders(outputs[name], gt, processes=1, allow_missing=False, cases=cases)
+        res = evaluate_folders(outputs[name], gt, processes=1, allow_missing=False, cases=cases, client=client)
         dsc[name] = res.summary.get("mean_dsc")
     return dsc
 
 
 def window_figure(model: Mapping[str, Any], eff_dir: Path, case_ids: Sequence[str], *, mode: str, device: str,
-                  tta: bool, centre_threshold: int, inplane_step: float) -> Path | None:
+                  tta: bool, centre_threshold: int, inplane_step: float,
+                  inplane_grid: str = DEFAULT_INPLANE_GRID) -> Path | None:
     """Draw which windows ran on the longest scan (most z steps) of `case_ids` into
     `eff_dir/windows_<case>.png` (the case is predicted once more to show its labels)."""
     import matplotlib.pyplot as plt
@@ -115,7 +116,7 @@ def window_figure(model: Mapping[str, Any], eff_dir: Path, case_ids: Sequence[st
         return None
     predictor = EfficientPredictor.from_results_folder(model["path"], folds=model["folds"], mode=mode, device=device,
                                                        tta=tta, centre_threshold=centre_threshold,
-                                                       inplane_step=inplane_step)
+                                                       inplane_step=inplane_step, inplane_grid=inplane_grid)
     case_id = max(reports, key=lambda c: (reports[c]["z_steps"], c))
     rep = reports[case_id]
     pre = predictor.preprocess(rep["input"], case_id=case_id)
@@ -146,6 +147,8 @@ def run_inference_stage(run_dir: str | Path, models: Mapping[str, Mapping[str, A
                         showcase: str | None = None, mode: str = "efficient", device: str = "auto",
                         tta: bool = False, centre_threshold: int = DEFAULT_CENTRE_THRESHOLD,
                         inplane_step: float = DEFAULT_INPLANE_STEP, ground_truth_dir: str | Path | None = None,
+                        inplane_grid: str = DEFAULT_INPLANE_GRID,
+                        cluster: Mapping[str, Any] | None = None,
                         *, log: Callable[[str], None] = print) -> InferenceResult:
     """Predict `input_dir` with `models` ({name: {"path", "folds"}}, the runner's) or the one model
     `model_dir` / `folds` (default: the run's first nnU-Net results folder) and write the reports.
@@ -153,8 +156,13 @@ def run_inference_stage(run_dir: str | Path, models: Mapping[str, Mapping[str, A
     output_dir: several models: the root of one folder per model (default `<run>/inference`, with
     summary.csv / summary.json); one model: its predictions (default `<run>/inference/<mode>`).
     showcase: the model whose per-case table and window picture are made (default: the last one).
-    ground_truth_dir: `<case>.nii.gz` label maps, for the mean DSC of each model."""
+    ground_truth_dir: `<case>.nii.gz` label maps, for the mean DSC of each model.
+    cluster: the params' `cluster:` section (`flare_utils.distributed.ClusterParams` fields; None or
+    type local: in-process): the cases are predicted (and scored) on that Dask cluster, one task per
+    case, opened for the stage and closed at its end (the window picture is drawn in this process)."""
+    from flare_utils.distributed.cluster import as_cluster_params, open_cluster
     from flare_utils.inference.runs import predict_models
+    cluster_params = as_cluster_params(cluster or None)     # a bad section fails before anything runs
     run = RunLayout(run_dir)
     if not input_dir:
         raise FlareInputError(None, "input_dir is empty: give the folder of images to segment")
@@ -164,19 +172,21 @@ def run_inference_stage(run_dir: str | Path, models: Mapping[str, Mapping[str, A
     if showcase not in models:
         raise FlareInputError(None, f"showcase {showcase!r} is not one of the models {list(models)}")
     log(f"{len(models)} model(s): {', '.join(models)}; mode {mode}, TTA {tta}, device {device}\ninput: {input_dir}")
-    overview, tables = predict_models(models, input_dir, outputs, mode=mode, device=device, tta=tta,
-                                      centre_threshold=centre_threshold, inplane_step=inplane_step,
-                                      summary_dir=summary_dir, log=log)
+    with open_cluster(cluster_params, device=device, say=log) as client:
+        overview, tables = predict_models(models, input_dir, outputs, mode=mode, device=device, tta=tta,
+                                          centre_threshold=centre_threshold, inplane_step=inplane_step,
+                                          inplane_grid=inplane_grid, summary_dir=summary_dir, log=log, client=client)
+        dsc = _mean_dsc(outputs, tables, ground_truth_dir, client=client)
     table = tables[showcase]
-    dsc = _mean_dsc(outputs, tables, ground_truth_dir)
     eff_dir = outputs[showcase] / EFFICIENCY_DIR
     figure = window_figure(models[showcase], eff_dir, list(table["case_id"]), mode=mode, device=device, tta=tta,
-                           centre_threshold=centre_threshold, inplane_step=inplane_step)
+                           centre_threshold=centre_threshold, inplane_step=inplane_step,
+                           inplane_grid=inplane_grid)
     summary = {
         "model_dir": str(models[showcase]["path"]), "showcase": showcase, "models": list(models),
         "folds": [int(f) if str(f).isdigit() else f for f in models[showcase]["folds"]],
         "mode": mode, "tta": bool(tta), "device": str(device), "centre_threshold": int(centre_threshold),
-        "inplane_step": float(inplane_step),
+        "inplane_step": float(inplane_step), "inplane_grid": inplane_grid,
         "output_dir": str(outputs[showcase]), "cases": int(len(table)),
         "windows_evaluated": int(table["windows_evaluated"].sum()),
         "windows_nnunet_full": int(table["windows_nnunet_full"].sum()), "mean_dsc": dsc.get(showcase),

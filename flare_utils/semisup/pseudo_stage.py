@@ -51,7 +51,7 @@ def pseudo_label_stage(run_dir: str | Path, dataset_id: int, *, teacher_results:
                        retrain_folds: Sequence[int | str] = ("all",), retrain_config: Mapping[str, Any] | None = None,
                        truth_dir: str | Path | None = None, max_cases: int | None = None, processes: int = 1,
                        torch_threads: int | None = None, cluster: Mapping[str, Any] | None = None,
-                       verbose: bool = False, **_: Any) -> PseudoLabelResult:
+                       verbose: bool = False, num_gpus: int = 1, **_: Any) -> PseudoLabelResult:
     """Run (or resume) the K rounds and write the stage's report tables and figures.
 
     The teacher is `teacher_results` or the results folder of (`plans`, `teacher_trainer`); the
@@ -59,7 +59,8 @@ def pseudo_label_stage(run_dir: str | Path, dataset_id: int, *, teacher_results:
     console goes to `pseudo_labels/report/training_console.log` unless `verbose`. `cluster`: the
     params' `cluster:` section (`flare_utils.distributed.ClusterParams` fields; None or type local:
     in-process): the rounds' predictions and the agreement / quality tables run on that Dask
-    cluster, opened for the stage and closed at its end (training stays in this process)."""
+    cluster, opened for the stage and closed at its end (training stays in this process; `num_gpus` > 1:
+    each retraining runs as nnU-Net's multi-GPU DDP, one process per GPU)."""
     from flare_utils.distributed.cluster import as_cluster_params, open_cluster
     from flare_utils.layout import nnunet_folders
     from flare_utils.study.models import register_model
@@ -90,7 +91,8 @@ def pseudo_label_stage(run_dir: str | Path, dataset_id: int, *, teacher_results:
                 (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(log)):
             infos = R.run_rounds(run.root, dataset_id, teacher, images, rounds=int(rounds), plans=plans or None,
                                  training_config=config, folds=folds, tta=bool(tta), device=device, seed=seed,
-                                 retrain_folds=retrain_folds, cases=cases, progress=say, client=client)
+                                 retrain_folds=retrain_folds, cases=cases, progress=say, client=client,
+                                 num_gpus=int(num_gpus))
         last = infos[-1]
         if last.round > 1:  # the big model retrained on labelled + pseudo-labelled cases: "teacher with pseudo labels"
             training = last.training or {}

@@ -344,19 +344,6 @@ def predict_round(run_dir: str | Path, k: int, model_dir: str | Path, unlabelled
     return info
 
 
-def _factory_token(factory: PredictorFactory) -> str:
-    """What tells one predictor factory from another in a worker's cache: its pickled bytes."""
-    import hashlib
-
-    import cloudpickle
-    try:
-        data = cloudpickle.dumps(factory)
-    except Exception as e:            # noqa: BLE001 - whatever pickling raises, the cause is the factory
-        raise FlareInputError(None, f"predictor_factory {factory!r} cannot be sent to Dask workers "
-                                    f"({type(e).__name__}: {e}); use a module-level function") from e
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 def _written_by_round(folder: Path, case: str, model_key: str | None) -> bool:
     """Whether the case's label is in the round folder and the folder is this model's: labels are
     written atomically (a file there is whole) and a round folder holds one model's labels
@@ -395,8 +382,8 @@ def _predict_on_cluster(client, k: int, folder: Path, todo: list[str], images: M
                         records: dict[str, dict], records_path: Path, say: Callable[[str], None]) -> str:
     """The cases of `todo` as Dask tasks (`_cluster_case`); records appended here, in the order the
     cases finish. Returns the device the workers used."""
-    from flare_utils.distributed.cases import map_cases
-    token = _factory_token(factory)
+    from flare_utils.distributed.cases import factory_token, map_cases
+    token = factory_token(factory, "predictor_factory")
     jobs = [(c, {"folder": str(folder), "case": c, "image": str(images[c]), "model_dir": str(model_dir),
                  "folds": list(folds), "tta": tta, "device": device, "factory": factory, "factory_token": token,
                  "model_key": model_key}) for c in todo]
@@ -460,7 +447,7 @@ def _write_summary(run_dir: str | Path) -> None:
 TrainFn = Callable[..., Path]
 
 
-def _default_train_fn(dataset_id, plans_identifier, fold, trainer, config, run_dir) -> Path:
+def _default_train_fn(dataset_id, plans_identifier, fold, trainer, config, run_dir, num_gpus: int = 1) -> Path:
     import matplotlib
 
     _ensure_pseudo_trainers_registered()
@@ -468,14 +455,15 @@ def _default_train_fn(dataset_id, plans_identifier, fold, trainer, config, run_d
     # nnU-Net's progress plot calls seaborn.set(font_scale=2.5), which changes matplotlib's global
     # style for every later figure of the calling process (notebook): keep it inside
     with matplotlib.rc_context():
-        return train(dataset_id, plans_identifier, fold, trainer=trainer, config=config, run_dir=run_dir)
+        return train(dataset_id, plans_identifier, fold, trainer=trainer, config=config, run_dir=run_dir,
+                     num_gpus=num_gpus)
 
 
 def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_identifier: str,
                   unlabelled_dir: str | Path, *, training_config: Mapping[str, Any] | Any | None = None,
                   trainer: str = PSEUDO_TRAINER, folds: Sequence[int | str] = ("all",), device: str = "auto",
                   seed: int | None = 0, train_fn: TrainFn | None = None,
-                  progress: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+                  progress: Callable[[str], None] | None = None, num_gpus: int = 1) -> tuple[Path, dict]:
     """Train round k's big model on labelled + ALL pseudo-labelled cases of round k-1.
 
     Writes `round_<k>/training_selection.json` (every case of round k-1; the pseudo-label trainer's
@@ -484,6 +472,7 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
     checkpoint_final.pth and logs) into `round_<k>/model` (atomically; its marker makes a rerun
     reuse it). `training_config`: a TrainingConfig / dict (budget, lr, ...); `selection_file` is
     set here, `device` and `seed` default to the arguments, `final_validation` to False.
+    `num_gpus` > 1: nnU-Net's multi-GPU DDP per fold (passed to `train_fn` as keyword `num_gpus`).
     Returns (model folder, training record).
     """
     say = progress or (lambda s: None)
@@ -496,7 +485,7 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
     folder = round_dir(run_dir, k)
     model_dir = folder / MODEL_DIR
     marker = _read_json(model_dir / MODEL_MARKER)
-    request = _retrain_request(plans_identifier, training_config, trainer, folds, seed)
+    request = _retrain_request(plans_identifier, training_config, trainer, folds, seed, num_gpus)
     if marker is not None and marker.get("request", request) == request:
         say(f"round {k}: model already trained ({model_dir}), reused")
         return model_dir, marker
@@ -523,7 +512,8 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
     folds_l = list(normalise_folds(folds) or ("all",))
     for f in folds_l:
         say(f"round {k}: training {trainer} fold {f} on labelled + {len(prev.cases)} pseudo-labelled cases")
-        results = Path(fn(dataset_id, plans_identifier, f, trainer, cfg, run_dir))
+        results = Path(fn(dataset_id, plans_identifier, f, trainer, cfg, run_dir,
+                          **({"num_gpus": int(num_gpus)} if num_gpus != 1 else {})))
     train_s = time.perf_counter() - t0
     record = {"request": request, "trainer": trainer, "plans": plans_identifier, "dataset": str(dataset_id),
               "folds": [str(f) for f in folds_l], "selection_file": str(selection), "n_pseudo": len(prev.cases),
@@ -533,12 +523,15 @@ def retrain_round(run_dir: str | Path, k: int, dataset_id: int | str, plans_iden
     return model_dir, record
 
 
-def _retrain_request(plans_identifier: str, training_config, trainer: str, folds, seed) -> dict[str, Any]:
-    """What a round's retrained model depends on besides the previous round's labels."""
+def _retrain_request(plans_identifier: str, training_config, trainer: str, folds, seed,
+                     num_gpus: int = 1) -> dict[str, Any]:
+    """What a round's retrained model depends on besides the previous round's labels (num_gpus only
+    when > 1: the ranks draw other batches; one-GPU requests stay as they were)."""
     cfg = training_config.to_dict() if hasattr(training_config, "to_dict") else dict(training_config or {})
     return json.loads(json.dumps({"plans": plans_identifier, "trainer": trainer, "seed": seed,
                                   "folds": [str(f) for f in normalise_folds(folds) or ("all",)],
-                                  "config": {k: v for k, v in sorted(cfg.items()) if k != "selection_file"}},
+                                  "config": {k: v for k, v in sorted(cfg.items()) if k != "selection_file"},
+                                  **({"num_gpus": int(num_gpus)} if num_gpus != 1 else {})},
                                  default=str))
 
 
@@ -568,12 +561,13 @@ def run_rounds(run_dir: str | Path, dataset_id: int | str, teacher_results: str 
                seed: int | None = 0, trainer: str = PSEUDO_TRAINER, retrain_folds: Sequence[int | str] = ("all",),
                cases: Iterable[str] | None = None, predictor_factory: PredictorFactory | None = None,
                train_fn: TrainFn | None = None, progress: Callable[[str], None] | None = print,
-               client: Any = None) -> list[RoundInfo]:
+               client: Any = None, num_gpus: int = 1) -> list[RoundInfo]:
     """K rounds of pseudo labels (module docstring). Round 1: `teacher_results` (folds `folds`, None =
     all trained folds) predicts; round k >= 2: a `trainer` model (plans `plans`, default the
     teacher's plans) is trained on labelled + round k-1's pseudo labels (`retrain_folds`, default
     one model on all labelled cases, fold "all") and predicts. Completed rounds/models are reused.
-    `client`: predict the cases on a Dask cluster (`predict_round`); training stays in this process.
+    `client`: predict the cases on a Dask cluster (`predict_round`); training stays in this process
+    (`num_gpus` > 1: in its nnU-Net DDP ranks, one per GPU).
     Returns the RoundInfo of every round, in order."""
     if int(rounds) < 1:
         raise FlareInputError(None, f"rounds must be >= 1, got {rounds}")
@@ -598,7 +592,7 @@ def run_rounds(run_dir: str | Path, dataset_id: int | str, teacher_results: str 
         if round_dir(run_dir, k).is_dir() and not infos[-1].skipped:
             _discard_rounds(run_dir, k, f"round {k - 1} was made anew", say)
         elif marker.get("request", None) not in (None, _retrain_request(plans, training_config, trainer,
-                                                                        retrain_folds, seed)):
+                                                                        retrain_folds, seed, num_gpus)):
             _discard_rounds(run_dir, k, "the retraining settings changed", say)
         done = read_round(run_dir, k)
         if done is not None and sorted(done.cases) == sorted(case_list):
@@ -608,7 +602,8 @@ def run_rounds(run_dir: str | Path, dataset_id: int | str, teacher_results: str 
             continue
         model_dir, record = retrain_round(run_dir, k, dataset_id, plans, unlabelled_dir,
                                           training_config=training_config, trainer=trainer, folds=retrain_folds,
-                                          device=device, seed=seed, train_fn=train_fn, progress=progress)
+                                          device=device, seed=seed, train_fn=train_fn, progress=progress,
+                                          num_gpus=num_gpus)
         infos.append(predict_round(run_dir, k, model_dir, unlabelled_dir, folds=record["folds"], tta=tta,
                                    device=device, cases=case_list, predictor_factory=predictor_factory,
                                    training=record, progress=progress, client=client))

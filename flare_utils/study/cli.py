@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from flare_utils.errors import FlareInputError
-from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
+from flare_utils.inference.defaults import (DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_GRID, DEFAULT_INPLANE_STEP,
+                                            INPLANE_GRIDS)
 
 
 def _cmd_phantom(a: argparse.Namespace) -> int:
@@ -78,10 +79,59 @@ def _cmd_repeat(a: argparse.Namespace) -> int:
     return 0
 
 
+def cluster_params_from_args(a: argparse.Namespace):
+    """The `ClusterParams` of the cluster options: `--cluster-config` (a YAML with a `cluster:` block,
+    or the block itself), then `--cluster`, `--workers`, `--address` over it; without `--cluster`,
+    `--address` means type address and `--workers` type local_cluster. Checked like the params'
+    `cluster:` section (`FlareInputError`)."""
+    from flare_utils.distributed.cluster import as_cluster_params
+    section: dict = {}
+    if a.cluster_config is not None:
+        import yaml
+        path = Path(a.cluster_config)
+        if not path.is_file():
+            raise FlareInputError(path, "cluster config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise FlareInputError(path, f"not valid YAML ({e})".replace("\n", " ")) from e
+        if isinstance(data, dict) and isinstance(data.get("cluster"), dict):
+            data = data["cluster"]
+        if not isinstance(data, dict):
+            raise FlareInputError(path, "expected a cluster: block (a mapping such as "
+                                        "{type: local_cluster, workers: 2})")
+        section = dict(data)
+    if a.cluster is not None:
+        section["type"] = a.cluster
+    elif a.cluster_config is None and (a.address is not None or a.workers is not None):
+        section["type"] = "address" if a.address is not None else "local_cluster"
+    if a.workers is not None:
+        section["workers"] = a.workers
+    if a.address is not None:
+        section["address"] = a.address
+    return as_cluster_params(section)
+
+
+def _add_cluster_options(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("Dask cluster", f"{what} on a Dask cluster, one task per case "
+                                             "(docs/reference/distributed.md)")
+    g.add_argument("--cluster", choices=["local", "local_cluster", "address", "slurm"], default=None,
+                   help="local: in this process (default); local_cluster: worker processes on this machine; "
+                        "address: a running Dask scheduler (--address); slurm: SLURM jobs (--cluster-config)")
+    g.add_argument("--workers", type=int, default=None, metavar="N", help="local_cluster: worker processes")
+    g.add_argument("--address", default=None, metavar="tcp://HOST:PORT", help="address: the scheduler's address")
+    g.add_argument("--cluster-config", type=Path, default=None, metavar="FILE.yaml",
+                   help="a YAML with a cluster: block (as in a params file) or the block itself; "
+                        "the options above override it")
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from flare_utils.api import evaluate
-    res = evaluate(a.pred_dir, a.gt_dir, a.out, revision=a.revision, hd95=a.hd95, processes=a.processes,
-                   allow_missing=a.allow_missing, strict=a.strict)
+    from flare_utils.distributed.cluster import open_cluster
+    cluster = cluster_params_from_args(a)
+    with open_cluster(cluster, device="cpu", say=lambda s: print(s, file=sys.stderr)) as client:
+        res = evaluate(a.pred_dir, a.gt_dir, a.out, revision=a.revision, hd95=a.hd95, processes=a.processes,
+                       allow_missing=a.allow_missing, strict=a.strict, client=client)
     s = res.summary
     print(json.dumps({k: s[k] for k in ("revision", "n_cases", "mean_dsc", "mean_nsd") if k in s},
                      indent=2))
@@ -90,10 +140,18 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from flare_utils.api import segment
+    from flare_utils.distributed.cluster import ClusterParams, open_cluster
     from flare_utils.inference.case_report import EFFICIENCY_DIR, SUMMARY_CSV
-    seg = segment(a.input, a.output, a.model_dir, folds=a.folds, mode=a.mode, tta=a.tta, device=a.device,
-                  spacing=a.spacing, centre_threshold=a.centre_threshold, inplane_step=a.inplane_step,
-                  overwrite=a.overwrite, keep_going=a.keep_going, checkpoint=a.checkpoint)
+    cluster = cluster_params_from_args(a)
+    if cluster.type != "local" and not Path(a.input).is_dir():
+        print("note: the cluster options apply to a folder of images; one image is predicted in this process",
+              file=sys.stderr)
+        cluster = ClusterParams()
+    with open_cluster(cluster, device=a.device, say=lambda s: print(s, file=sys.stderr)) as client:
+        seg = segment(a.input, a.output, a.model_dir, folds=a.folds, mode=a.mode, tta=a.tta, device=a.device,
+                      spacing=a.spacing, centre_threshold=a.centre_threshold, inplane_step=a.inplane_step,
+                      inplane_grid=a.inplane_grid, backend=a.backend,
+                      overwrite=a.overwrite, keep_going=a.keep_going, checkpoint=a.checkpoint, client=client)
     if Path(a.input).is_dir():
         out = Path(a.output)
         n_done = len(seg.report) - len(seg.skipped) - len(seg.failed)
@@ -190,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-missing", action="store_true", help="score a missing prediction as an empty label map")
     e.add_argument("--strict", action="store_true",
                    help="refuse label values outside 0-13 (by default: background, with a warning)")
+    _add_cluster_options(e, "Score the cases")
     e.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="efficient nnU-Net v2 inference (FLARE22 winner's sliding window)")
@@ -207,9 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--inplane-step", type=float, default=DEFAULT_INPLANE_STEP,
                     help="efficient mode: spacing of the 3x3 in-plane grid in patches (0.5: the paper's 50%% "
                          "overlap; 0.33: each voxel nearer a window centre, same window count)")
+    pr.add_argument("--inplane-grid", choices=INPLANE_GRIDS, default=DEFAULT_INPLANE_GRID,
+                    help="efficient mode's in-plane windows: 'paper' (the 3x3 grid) or 'adaptive' (the same "
+                         "on a body that fits the paper's band, spread to the edges of a wider one)")
+    pr.add_argument("--backend", choices=["torch", "openvino", "onnx"], default="torch",
+                    help="CPU only: run the network in OpenVINO or ONNX Runtime (optional packages: pip install "
+                         "openvino / onnxruntime onnx) instead of torch; docs/benchmarks.md")
     pr.add_argument("--checkpoint", default="checkpoint_final.pth")
     pr.add_argument("--overwrite", action="store_true", help="predict cases whose output exists again")
     pr.add_argument("--keep-going", action="store_true", help="go on after a bad case (exit status 1)")
+    _add_cluster_options(pr, "Predict a folder's cases")
     pr.set_defaults(func=_cmd_predict)
     return p
 

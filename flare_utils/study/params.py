@@ -71,6 +71,7 @@ class TeacherParams:
     initial_lr: float | None = None      # None: the optimizer's default (sgd 1e-2, adamw 3e-3)
     mirroring: bool | None = None        # None: the trainer's default (teacher: on)
     oversample_foreground: float | None = None   # share of patches forced onto foreground (nnU-Net: 0.33)
+    num_gpus: int = 1                    # > 1: each fold trains on that many GPUs (nnU-Net's DDP; device cuda/auto)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class PseudoParams:
     # rounds 2..K start from the teacher's weights (first trained fold) instead of from scratch: a
     # short budget then refines the teacher rather than relearning it (the CPU demo's shortcut)
     retrain_from_teacher: bool = False
+    num_gpus: int = 1                    # GPUs per retraining of rounds 2..K (nnU-Net's DDP when > 1)
 
 
 @dataclass
@@ -124,6 +126,7 @@ class StudentParams:
     optimizer: Literal["sgd", "adamw"] = "sgd"
     initial_lr: float | None = None
     oversample_foreground: float | None = None
+    num_gpus: int = 1                    # GPUs per student fold (nnU-Net's DDP when > 1; not with recipe cps)
     # students trained for the comparison: on the labelled cases only, + the selected pseudo-labelled
     # cases, + every pseudo-labelled case (the last two need the selection stage); the first one
     # listed is the study's student (the model the inference stage showcases)

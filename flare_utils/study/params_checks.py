@@ -259,6 +259,23 @@ def _stage_problems(p: StudyParams) -> list[str]:
     return out
 
 
+def _gpu_problems(p: StudyParams) -> list[str]:
+    """num_gpus of the training sections: an integer >= 1; > 1 (nnU-Net's DDP) needs CUDA."""
+    out = []
+    for key in ("teacher.num_gpus", "pseudo.num_gpus", "student.num_gpus"):
+        v = _value(p, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            out.append(f"params.{key}: must be an integer >= 1 (1: one process; > 1: nnU-Net's multi-GPU DDP "
+                       f"training), got {v!r}")
+        elif v > 1 and p.device not in ("cuda", "auto"):
+            out.append(f"params.{key}: {v} GPUs (DDP) needs params.device cuda or auto, got device {p.device!r}; "
+                       f"allowed with device {p.device!r}: num_gpus 1")
+    if p.student.recipe == "cps" and p.student.num_gpus != 1:
+        out.append(f"params.student.num_gpus: the cps recipe trains on one GPU only: must be 1, got "
+                   f"{p.student.num_gpus}")
+    return out
+
+
 def check_params(p: StudyParams) -> list[str]:
     """Every problem of a typed params' values, as "params.<key>: what is allowed" (empty: none).
     Files an earlier run of the same run_dir made count (plans files, splits_final.json,
@@ -266,4 +283,4 @@ def check_params(p: StudyParams) -> list[str]:
     pre = _preprocessed_dataset(p)
     from flare_utils.distributed.cluster import cluster_problems
     return [*_number_problems(p), *_data_problems(p), *_plans_problems(p, pre), *_fold_problems(p, pre),
-            *_selection_problems(p), *_stage_problems(p), *cluster_problems(p.cluster)]
+            *_selection_problems(p), *_stage_problems(p), *_gpu_problems(p), *cluster_problems(p.cluster)]

@@ -22,8 +22,8 @@ import yaml
 
 from flare_utils.data.io import atomic_write_text
 from flare_utils.errors import FlareInputError
-from flare_utils.evaluation.compare import (COMPARISONS, LEVEL, N_BOOT, paired_difference, paired_scores,
-                                            pooled_difference, run_case_scores, verdict)
+from flare_utils.evaluation.compare import (COMPARISONS, LEVEL, N_BOOT, over_seeds, paired_difference,
+                                            paired_scores, pooled_difference, run_case_scores, verdict)
 from flare_utils.study.params import StudyParams, load_params
 
 __all__ = ["repeat_study", "seed_params", "aggregate_seeds", "write_aggregate", "markdown_table", "readme_tables",
@@ -138,6 +138,7 @@ def aggregate_seeds(base: str | Path, seeds: Sequence[int], *, name: str = "", v
                 "model": c.model, "baseline": c.baseline, "question": c.question, "metric": metric,
                 "per_seed": {str(s): {**_rounded(d.to_dict()), "verdict": verdict(d, c)} for s, d in per_seed.items()},
                 "pooled": {**_rounded(pooled.to_dict()), "verdict": verdict(pooled, c), "summary": pooled.describe()},
+                "over_seeds": _rounded(over_seeds([d.mean for d in per_seed.values()], c.direction)),
                 "seeds": len(per_seed),
                 "seeds_in_papers_direction": sum(d.mean * c.direction > 0 for d in per_seed.values()),
                 "seeds_above_zero_in_papers_direction": sum(d.sign() * c.direction > 0 for d in per_seed.values()),
@@ -184,9 +185,11 @@ def markdown_table(aggregate: Mapping[str, Any], metric: str = "DSC") -> str:
 
 
 def markdown_comparisons(aggregate: Mapping[str, Any], metric: str = "DSC") -> str:
-    """Per comparison the pooled paired difference with its interval and how many seeds agree."""
+    """Per comparison the pooled paired difference with its interval, how many seeds agree, and the
+    difference over seeds (seed as the unit) with its t interval."""
     lines = ["| comparison | pooled difference [95 % CI] | cases | seeds in the papers' direction "
-             "(of them above zero) | verdict |", "|---|---|---|---|---|"]
+             "(of them above zero) | verdict | over seeds [95 % t-CI] | verdict over seeds |",
+             "|---|---|---|---|---|---|---|"]
     for c in aggregate["comparisons"]:
         if c["metric"] != metric:
             continue
@@ -194,8 +197,15 @@ def markdown_comparisons(aggregate: Mapping[str, Any], metric: str = "DSC") -> s
         lines.append(f"| {c['question']} ({c['model']} − {c['baseline']}) | {_num(p['mean'], True)} "
                      f"[{_num(p['low'], True)}, {_num(p['high'], True)}] | {p['n_cases']} | "
                      f"{c['seeds_in_papers_direction']} of {c['seeds']} ({c['seeds_above_zero_in_papers_direction']}) "
-                     f"| {p['verdict']} |")
+                     f"| {p['verdict']} | {_over_seeds_cell(c)} | {c.get('over_seeds', {}).get('verdict', '–')} |")
     return "\n".join(lines)
+
+
+def _over_seeds_cell(c: Mapping[str, Any], sep: str = " ") -> str:
+    o = c.get("over_seeds")
+    if not o:
+        return "–"
+    return f"{_num(o['mean'], True)}{sep}[{_num(o['low'], True)}, {_num(o['high'], True)}]"
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:75em;margin:2em auto;
@@ -231,7 +241,9 @@ def aggregate_html(aggregate: Mapping[str, Any]) -> str:
     out.append(f"<h2>Comparisons: paired differences over held-out cases</h2><p class='note'>Each cell is the "
                f"mean per-case difference (first model minus second) with its {b['level']:.0%} "
                f"bootstrap interval over cases (expanded percentiles) ({b['draws']} draws, seed {b['seed']}); pooled: every (seed, case) "
-               "pair, cases resampled within each seed. A difference whose interval holds 0 is not "
+               "pair, cases resampled within each seed. Over seeds: the mean of the per-seed differences with a "
+               "t interval over seeds (the seed as the unit, so it includes how much a result moves from one "
+               "cohort and training seed to the next). A difference whose interval holds 0 is not "
                "distinguishable from zero.</p>".replace("%", " %"))
     for metric in aggregate["metrics"]:
         rows = [c for c in aggregate["comparisons"] if c["metric"] == metric]
@@ -239,7 +251,8 @@ def aggregate_html(aggregate: Mapping[str, Any]) -> str:
             continue
         out.append(f"<h3>{e(metric)}</h3><table><tr><th>comparison</th>"
                    + "".join(f"<th>seed {e(s)}</th>" for s in seeds)
-                   + "<th>pooled</th><th>seeds in the papers' direction (above zero)</th></tr>")
+                   + "<th>pooled</th><th>seeds in the papers' direction (above zero)</th>"
+                   "<th>over seeds (t interval)</th></tr>")
         for c in rows:
             cells = []
             for s in [*seeds, None]:
@@ -251,7 +264,9 @@ def aggregate_html(aggregate: Mapping[str, Any]) -> str:
                              f"[{_num(d['low'], True)}, {_num(d['high'], True)}]</td>")
             out.append(f"<tr><td>{e(c['question'])}<br><small>{e(c['model'])} − {e(c['baseline'])}</small></td>"
                        + "".join(cells) + f"<td>{c['seeds_in_papers_direction']} of {c['seeds']} "
-                       f"({c['seeds_above_zero_in_papers_direction']})</td></tr>")
+                       f"({c['seeds_above_zero_in_papers_direction']})</td>"
+                       f"<td class='{_verdict_class(c.get('over_seeds', {}).get('verdict', ''))}'>"
+                       f"{_over_seeds_cell(c, '<br>')}</td></tr>")
         out.append("</table>")
     out.append(f"<p class='note'>Written {e(aggregate['written'])}. Machine-readable: {SEEDS_JSON}.</p></body></html>")
     return "\n".join(out)

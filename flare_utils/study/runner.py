@@ -83,6 +83,7 @@ def _convert_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
 
 def _teacher_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     t = _none_to_empty(dataclasses.asdict(p.teacher), "init_checkpoint")
+    _drop_single_gpu(t)
     return {**_common(p, run), "dataset_id": p.data.dataset_id, "processes": p.data.processes, **t}
 
 
@@ -103,7 +104,20 @@ def _pseudo_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
             "retrain_iterations": q.retrain_iterations, "retrain_folds": q.retrain_folds, "retrain_config": retrain,
             "max_cases": q.max_cases, "processes": p.data.processes, "torch_threads": q.num_threads,
             # only when set: an in-process study's parameters (and its completion key) stay as they were
-            **({"cluster": dataclasses.asdict(p.cluster)} if p.cluster.type != "local" else {})}
+            **_cluster_parameter(p), **({"num_gpus": q.num_gpus} if q.num_gpus != 1 else {})}
+
+
+def _drop_single_gpu(section: dict[str, Any]) -> dict[str, Any]:
+    """num_gpus only when > 1: the parameters (and completion keys) of one-GPU runs stay as they were."""
+    if section.get("num_gpus", 1) == 1:
+        section.pop("num_gpus", None)
+    return section
+
+
+def _cluster_parameter(p: StudyParams) -> dict[str, Any]:
+    """{"cluster": the params' cluster: section} for the stages with per-case work, only when it is not
+    local: an in-process study's parameters (and so their completion keys) stay as they were."""
+    return {"cluster": dataclasses.asdict(p.cluster)} if p.cluster.type != "local" else {}
 
 
 def _select_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
@@ -113,6 +127,7 @@ def _select_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
 def _student_parameters(p: StudyParams, run: RunLayout, variant: str) -> dict[str, Any]:
     s = dataclasses.asdict(p.student)
     del s["variants"]
+    _drop_single_gpu(s)
     from flare_utils.semisup.selection import ALL_CASES_FILE, SELECTION_FILE
     selection = {"labelled_only": None,
                  "selected": s["selection_file"] or str(run.selection / SELECTION_FILE),
@@ -137,7 +152,7 @@ def _infer_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
             "models": {n: {"path": m["path"], "folds": m["folds"]} for n, m in models.items()},
             "input_dir": i.input_dir or str(_raw_dataset(p, run) / "imagesTs"), "mode": i.mode, "tta": i.tta,
             "centre_threshold": i.centre_threshold, "inplane_step": i.inplane_step,
-            "ground_truth_dir": str(_raw_dataset(p, run) / "labelsTs")}
+            "ground_truth_dir": str(_raw_dataset(p, run) / "labelsTs"), **_cluster_parameter(p)}
 
 
 def _evaluate_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
@@ -155,7 +170,7 @@ def _evaluate_parameters(p: StudyParams, run: RunLayout) -> dict[str, Any]:
     raw = _raw_dataset(p, run)
     return {"run_dir": str(run.root), **e, "prediction_sets": sets, "timing_files": timing,
             "ground_truth_dir": e["ground_truth_dir"] or str(raw / "labelsTs"),
-            "image_dir": e["image_dir"] or str(raw / "imagesTs")}
+            "image_dir": e["image_dir"] or str(raw / "imagesTs"), **_cluster_parameter(p)}
 
 
 def _single(parameters: Callable[[StudyParams, RunLayout], dict[str, Any]]):

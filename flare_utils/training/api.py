@@ -11,7 +11,8 @@ name, `run_training`, `perform_actual_validation`), so its result is exactly wha
                flare_training_config.json  validation/summary.json (with final validation)
 
 Training runs in the calling process (one at a time); the nnU-Net folders are the ones in force,
-or `run_dir`'s (`flare_utils.layout.nnunet_folders`).
+or `run_dir`'s (`flare_utils.layout.nnunet_folders`). With `num_gpus > 1` it runs as nnU-Net's
+multi-GPU DDP training, one spawned process per GPU (`flare_utils.training.ddp`).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def _as_config(config: TrainingConfig | Mapping | str | Path | None, trainer_cls
 def train(dataset_id: int | str, plans_identifier: str, fold: int | str = 0,
           trainer: str = "FlareTeacherTrainer", config: TrainingConfig | Mapping | str | Path | None = None,
           run_dir: str | Path | None = None, configuration: str = CONFIGURATION,
-          continue_training: bool = False) -> Path:
+          continue_training: bool = False, num_gpus: int = 1) -> Path:
     """Train one fold with a FLARE trainer (or any nnU-Net trainer name); returns the model's
     results folder `<Trainer>__<plans>__<configuration>` (the fold is in `fold_<fold>`).
 
@@ -54,6 +55,11 @@ def train(dataset_id: int | str, plans_identifier: str, fold: int | str = 0,
     `<results>/.flare_configs/` and handed to the trainer through FLARE_TRAINING_CONFIG.
     The final validation (nnU-Net's `perform_actual_validation`, writing
     `fold_N/validation/summary.json`) runs when `config.final_validation`.
+
+    `num_gpus > 1`: nnU-Net's DDP training with one spawned process per GPU (nccl, cuda:<rank>;
+    the plan's or config's batch size is the global one, split over the GPUs); a config with
+    `device: "cpu"` runs that many CPU ranks over gloo instead (tests). See
+    `flare_utils.training.ddp` and docs/reference/training.md.
     """
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
@@ -66,8 +72,16 @@ def train(dataset_id: int | str, plans_identifier: str, fold: int | str = 0,
     cfg = _as_config(config, trainer_cls)
     folder = results_folder(dataset_id, plans_identifier, trainer, configuration)
     cfg_file = cfg.save(folder.parent / ".flare_configs" / f"{folder.name}__fold_{fold}.json")
-    device = resolve_device(cfg.device, None)
     fold_arg: int | str = fold if fold == "all" else int(fold)
+    from flare_utils.training.ddp import check_num_gpus
+    if check_num_gpus(num_gpus) > 1:
+        from flare_utils.training.ddp import check_launch, launch
+        backend = check_launch(num_gpus, cfg.device, _global_batch_size(dataset_id, plans_identifier, configuration,
+                                                                        cfg), trainer_cls)
+        launch(dataset_id, configuration, fold_arg, trainer, plans_identifier, cfg_file, num_gpus, backend,
+               continue_training, cfg.final_validation)
+        return folder
+    device = resolve_device(cfg.device, None)
     with environment(**{ENV_VAR: str(cfg_file)}):
         t = get_trainer_from_args(str(dataset_id), configuration, fold_arg, trainer, plans_identifier,
                                   continue_training, device=device)
@@ -82,14 +96,27 @@ def train(dataset_id: int | str, plans_identifier: str, fold: int | str = 0,
     return out
 
 
+def _global_batch_size(dataset_id, plans_identifier: str, configuration: str, cfg: TrainingConfig) -> int:
+    """The batch size one training step sees over all processes: config `batch_size`, else the plan's."""
+    bs = getattr(cfg, "batch_size", None)
+    if bs is not None:
+        return int(bs)
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans_file = nnunet_folders().preprocessed_dataset(dataset_id) / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        raise FlareInputError(plans_file, "plans file not found (run plan_and_preprocess first)")
+    return int(PlansManager(json.loads(plans_file.read_text())).get_configuration(configuration).batch_size)
+
+
 def train_folds(dataset_id: int | str, plans_identifier: str, folds: Iterable[int | str] = (0, 1, 2, 3, 4),
                 trainer: str = "FlareTeacherTrainer", config: TrainingConfig | Mapping | str | Path | None = None,
-                run_dir: str | Path | None = None, configuration: str = CONFIGURATION) -> Path:
+                run_dir: str | Path | None = None, configuration: str = CONFIGURATION, num_gpus: int = 1) -> Path:
     """Cross-validation: `train` each fold in turn (splits from splits_final.json, see
-    `flare_utils.training.write_splits`); returns the results folder."""
+    `flare_utils.training.write_splits`), each with `num_gpus` GPUs (DDP when > 1); returns the
+    results folder. Folds can also run in parallel, one task per GPU (docs/reference/distributed.md)."""
     out = None
     for f in folds:
-        out = train(dataset_id, plans_identifier, f, trainer, config, run_dir, configuration)
+        out = train(dataset_id, plans_identifier, f, trainer, config, run_dir, configuration, num_gpus=num_gpus)
     if out is None:
         raise FlareInputError(None, "no folds given")
     return out

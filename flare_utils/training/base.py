@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
@@ -156,6 +157,7 @@ class FlareTrainer(nnUNetTrainer):
 
     config_class: type[TrainingConfig] = TrainingConfig
     default_mirroring: bool = True
+    supports_ddp: bool = True           # multi-GPU training (flare_utils.training.ddp)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -166,6 +168,11 @@ class FlareTrainer(nnUNetTrainer):
         determinism = configure_determinism(deterministic_requested(cfg.deterministic), device)
         seed_everything(cfg.seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == "cpu":
+            # CPU ranks over gloo (tests, debugging): nnU-Net's DDP trainer forces cuda:<rank>
+            self.device = device
+            self.grad_scaler = None
+        self._train_steps = 0
         self.flare_config = cfg
         self.determinism = determinism
         self.transfer_report = None
@@ -221,11 +228,93 @@ class FlareTrainer(nnUNetTrainer):
             return super()._do_i_compile()
         return bool(c.compile) and self.device.type == "cuda"
 
+    # ------------------------------------------------------------------ DDP
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if self.is_ddp else 1
+
+    def rank_seed(self, offset: int) -> int | None:
+        """Seed of this rank's data loading: `seed + offset` on rank 0 (and without DDP), shifted by
+        1000 per rank, so that the ranks draw different patches and augmentations, reproducibly."""
+        seed = self.flare_config.seed
+        return None if seed is None else int(seed) + int(offset) + 1000 * int(self.local_rank)
+
+    @contextlib.contextmanager
+    def rank0_first(self):
+        """In DDP: rank 0 runs the block first (e.g. preprocessing into a shared cache), the other
+        ranks after it; without DDP just the block."""
+        if self.is_ddp and self.local_rank != 0:
+            dist.barrier()
+        yield
+        if self.is_ddp and self.local_rank == 0:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def _ddp_wrapper(self):
+        """Around nnU-Net's `initialize` in DDP (its module global `DDP` swapped for the block):
+        `after_network_built` (transfer init, freezing) runs just before nnU-Net wraps the network,
+        so DDP registers only the parameters that still train; and for CPU ranks the wrapper is made
+        without device_ids (nnU-Net's DDP(device_ids=[local_rank]) is for CUDA modules only)."""
+        if not self.is_ddp:
+            yield
+            return
+        mod = _stock_trainer_module
+        stock = mod.DDP
+        cpu = self.device.type != "cuda"
+
+        def wrap(module, *args, **kwargs):
+            self.after_network_built()
+            self._network_hooks_done = True
+            if cpu:
+                kwargs.pop("device_ids", None)
+            return stock(module, *args, **kwargs)
+        mod.DDP = wrap
+        try:
+            yield
+        finally:
+            mod.DDP = stock
+
+    def ddp_rank_info(self) -> dict[str, Any]:
+        """This rank's record (`flare_ddp_rank<r>.json` in the fold folder); subclasses add to it."""
+        return {"rank": int(self.local_rank), "world_size": self.world_size,
+                "backend": dist.get_backend() if self.is_ddp else None, "device": str(self.device),
+                "batch_size": int(self.batch_size), "global_batch_size": int(self.global_batch_size),
+                "oversample_foreground_percent": float(self.oversample_foreground_percent),
+                "data_seed": self.rank_seed(1), "num_epochs": int(self.num_epochs),
+                "num_iterations_per_epoch": int(self.num_iterations_per_epoch),
+                "current_epoch": int(self.current_epoch), "train_steps": int(self._train_steps),
+                "frozen_parameters": len(self.frozen_parameters),
+                "config_file": os.environ.get("FLARE_TRAINING_CONFIG")}
+
+    def _write_ddp_rank_info(self) -> None:
+        if self.is_ddp:
+            from flare_utils.data.io import atomic_write_text
+            from flare_utils.training.ddp import RANK_INFO_NAME
+            atomic_write_text(Path(self.output_folder) / RANK_INFO_NAME.format(rank=self.local_rank),
+                              json.dumps(self.ddp_rank_info(), indent=2))
+
+    @property
+    def global_batch_size(self) -> int:
+        """The batch size over all ranks (without DDP: `batch_size`)."""
+        return int(self.configuration_manager.batch_size) if self.is_ddp else int(self.batch_size)
+
+    def on_train_epoch_end(self, train_outputs):
+        self._train_steps += len(train_outputs)
+        super().on_train_epoch_end(train_outputs)
+
+    def do_split(self):
+        # DDP: nnU-Net lets every rank write a missing splits_final.json; rank 0 alone writes it first
+        with self.rank0_first():
+            return super().do_split()
+
     # ------------------------------------------------------------------ network / optimizer
     def initialize(self):
         seed_everything(self.flare_config.seed)
-        super().initialize()
-        self.after_network_built()
+        self._network_hooks_done = False
+        with self._ddp_wrapper():
+            super().initialize()
+        if not self._network_hooks_done:
+            self.after_network_built()
 
     def after_network_built(self) -> None:
         """Transfer init and freezing, once nnU-Net has built the network and optimizer."""
@@ -299,7 +388,7 @@ class FlareTrainer(nnUNetTrainer):
                                                         foreground_labels=lm.foreground_labels,
                                                         regions=regions, ignore_label=lm.ignore_label)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        seed = self.flare_config.seed
+        seed = self.rank_seed(0)      # the config's seed on rank 0 / without DDP, see rank_seed
         if seed is not None and disable_timed_choices(tr_transforms):
             self.print_to_log_file("seeded run: Gaussian blur augmentation convolves directly (no FFT-vs-direct "
                                    "timing benchmark)", also_print_to_console=False)
@@ -335,7 +424,9 @@ class FlareTrainer(nnUNetTrainer):
         # again: the stock `nnUNetv2_train` switches cuDNN benchmarking on after building the trainer
         configure_determinism(deterministic_requested(self.flare_config.deterministic), self.device)
         super().on_train_start()
-        self.flare_config.save(Path(self.output_folder) / CONFIG_FILE_NAME)
+        if self.local_rank == 0:
+            self.flare_config.save(Path(self.output_folder) / CONFIG_FILE_NAME)
+        self._write_ddp_rank_info()
 
     def on_epoch_end(self):
         super().on_epoch_end()          # nnU-Net increments current_epoch here
@@ -347,6 +438,7 @@ class FlareTrainer(nnUNetTrainer):
 
     def on_train_end(self):
         super().on_train_end()
+        self._write_ddp_rank_info()
         # nnU-Net shuts only multi-process augmenters down; drop references either way
         self.dataloader_train = self.dataloader_val = None
 

@@ -99,6 +99,7 @@ def _full_res(x):
 class FlareCPSTrainer(_BatchSizeMixin, FlareTrainer):
     """3D cross-pseudo supervision with two networks (see module docstring)."""
     config_class = CPSConfig
+    supports_ddp = False          # two networks, one optimiser each: not under nnU-Net's DDP wrapping
     default_mirroring = False
 
     network_b = None

@@ -256,7 +256,7 @@ def train_noisy_student(dataset_id: int | str, plans_identifier: str, folds: Ite
                         config: NoisyStudentConfig | Mapping | None = None,
                         finetune_config: FineTuneConfig | Mapping | None = None,
                         run_dir: str | Path | None = None, student_trainer: str = "FlareNoisyStudentTrainer",
-                        finetune_trainer: str = "FlareFineTuneTrainer") -> dict[str, Path | None]:
+                        finetune_trainer: str = "FlareFineTuneTrainer", num_gpus: int = 1) -> dict[str, Path | None]:
     """Both noisy-student stages fold by fold: the student on labelled + pseudo-labelled data, then
     (when `finetune_config` is given) the fine-tune on labelled data from the student's final
     checkpoint of the same fold. Returns {"student": results folder, "finetune": results folder or None}."""
@@ -273,9 +273,9 @@ def train_noisy_student(dataset_id: int | str, plans_identifier: str, folds: Ite
         raise FlareInputError(None, "no folds given")
     out: dict[str, Path | None] = {"student": None, "finetune": None}
     for f in folds:
-        out["student"] = train(dataset_id, plans_identifier, f, student_trainer, cfg, run_dir)
+        out["student"] = train(dataset_id, plans_identifier, f, student_trainer, cfg, run_dir, num_gpus=num_gpus)
         if ft is not None:
             ck = student_checkpoint(out["student"], f)
             out["finetune"] = train(dataset_id, plans_identifier, f, finetune_trainer,
-                                    ft.replace(init_checkpoint=str(ck)), run_dir)
+                                    ft.replace(init_checkpoint=str(ck)), run_dir, num_gpus=num_gpus)
     return out

@@ -79,14 +79,16 @@ def train_student(run_dir: str | Path, dataset_id: int, *, plans: str = "efficie
                   optimizer: str = "sgd", initial_lr: float | None = None, oversample_foreground: float | None = None,
                   pseudo_share: float | None = None, finetune_epochs: int = 10, batch_size: int | None = None,
                   cps_rampup_epochs: int = 20, cps_lambda_max: float = 0.5, num_threads: int | None = None,
-                  n_proc_da: int | None = None, final_validation: bool = True, verbose: bool = False) -> StudentResult:
+                  n_proc_da: int | None = None, final_validation: bool = True, verbose: bool = False,
+                  num_gpus: int = 1) -> StudentResult:
     """Train the student of `recipe` on the labelled cases plus the cases of `selection_file` (none:
     the labelled-only baseline, plain recipe only) and write the stage's files (module docstring).
 
     `plans`: a plan variant name or a plans identifier; `variant`: the student's name in the study
     ("" -> from selection_file); `pseudo_share`: pseudo-labelled share of each minibatch (None: the
     recipe's 0.5 / 0.75); `finetune_epochs`: noisy_student's labelled-only fine-tune (0: none);
-    `cps_*`: the CPS weight's ramp. The other options are TrainingConfig's. nnU-Net's console output
+    `cps_*`: the CPS weight's ramp; `num_gpus` > 1: nnU-Net's multi-GPU DDP per fold (not cps). The
+    other options are TrainingConfig's. nnU-Net's console output
     goes to `training_console.log` unless `verbose`."""
     from flare_utils.planning.plans import resolve_plans_identifier
 
@@ -118,7 +120,7 @@ def train_student(run_dir: str | Path, dataset_id: int, *, plans: str = "efficie
     config, finetune = _configs(recipe, labelled_only, common, selection_file, pseudo_share, finetune_epochs,
                                 batch_size, cps_rampup_epochs, cps_lambda_max)
     with nnunet_console(out / CONSOLE_LOG, verbose):
-        stages = _train(recipe, labelled_only, dataset_id, plans_id, folds, config, finetune)
+        stages = _train(recipe, labelled_only, dataset_id, plans_id, folds, config, finetune, num_gpus)
     for name, (trainer, folder) in stages.items():
         print(f"{name}: {trainer} -> {folder}")
     final_stage = list(stages)[-1]
@@ -210,19 +212,19 @@ def _configs(recipe: str, labelled_only: bool, common: dict[str, Any], selection
 
 
 def _train(recipe: str, labelled_only: bool, dataset_id: int, plans_id: str, folds: list[int | str], config,
-           finetune) -> dict[str, tuple[str, Path]]:
+           finetune, num_gpus: int = 1) -> dict[str, tuple[str, Path]]:
     """The recipe's trainers fold by fold: trainer stage name -> (trainer, results folder)."""
     from flare_utils.training.api import train_folds
     if recipe == "noisy_student":
         from flare_utils.training.noisy_student import train_noisy_student
-        res = train_noisy_student(dataset_id, plans_id, folds, config, finetune)
+        res = train_noisy_student(dataset_id, plans_id, folds, config, finetune, num_gpus=num_gpus)
         stages = {"student": (RECIPES[recipe], res["student"])}
         if res["finetune"] is not None:
             stages["finetune"] = (FINETUNE_TRAINER, res["finetune"])
         return stages
     trainer = LABELLED_ONLY_TRAINER if labelled_only else RECIPES[recipe]
     stage = "student" if recipe == "plain" else "cps"
-    return {stage: (trainer, train_folds(dataset_id, plans_id, folds, trainer, config))}
+    return {stage: (trainer, train_folds(dataset_id, plans_id, folds, trainer, config, num_gpus=num_gpus))}
 
 
 def _learning_curves(stages: dict[str, tuple[str, Path]], folds: list[int | str]) -> pd.DataFrame:

@@ -70,14 +70,15 @@ def train_teacher(run_dir: str | Path, dataset_id: int, *,
                   init_checkpoint: str | None = "", freeze_encoder_stages: int = 0,
                   splits: Mapping[str, Any] | None = None, batch_size: int | None = None,
                   num_threads: int | None = None, n_proc_da: int | None = None, final_validation: bool = True,
-                  processes: int = 1, verify: bool = True, verbose: bool = False) -> TeacherResult:
+                  processes: int = 1, verify: bool = True, verbose: bool = False, num_gpus: int = 1) -> TeacherResult:
     """Plan + preprocess `plan_variants` (and the teacher's `plans`), write the split, train `folds`
     of `trainer` on `plans` and write the stage's files (module docstring).
 
     `plan_variants`: PLAN_VARIANTS names or dicts of PlanVariant fields; `plans`: a variant name or a
     plans identifier; `folds`: fold numbers or "all"; `splits`: None (nnU-Net's 5-fold split; an
     existing one is kept) or a SplitSpec dict; `batch_size`: other than the plan's, training uses a
-    copy of the plans `<plans>_bs<N>` (same preprocessed data). The other options are TrainingConfig's.
+    copy of the plans `<plans>_bs<N>` (same preprocessed data); `num_gpus` > 1: each fold is trained
+    with nnU-Net's multi-GPU DDP (`flare_utils.training.ddp`). The other options are TrainingConfig's.
     nnU-Net's console output goes to `training_console.log` unless `verbose`."""
     from flare_utils.planning.plans import PLAN_VARIANTS, get_variant, resolve_plans_identifier
     from flare_utils.training.config import LOSSES, TrainingConfig
@@ -115,7 +116,7 @@ def train_teacher(run_dir: str | Path, dataset_id: int, *,
     _save_table(splits_table, out / SPLITS_TABLE)
 
     train_plans = _plans_for_batch_size(dataset_id, plans_id, batch_size)
-    results = _train(dataset_id, train_plans, folds, trainer, config, out / CONSOLE_LOG, verbose)
+    results = _train(dataset_id, train_plans, folds, trainer, config, out / CONSOLE_LOG, verbose, num_gpus)
 
     curves = learning_curves(results, folds)
     _save_table(curves, out / CURVES_TABLE, index=False)
@@ -131,7 +132,7 @@ def train_teacher(run_dir: str | Path, dataset_id: int, *,
         "splits": {"n_folds": len(split_list), "file": str(folders.preprocessed_dataset(dataset_id) /
                                                           "splits_final.json"), "spec": splits},
         "parameters": int(plans_table.loc[plans_id, "parameters"]),
-        "config": config.to_dict(),
+        "config": config.to_dict(), "num_gpus": int(num_gpus),
         "cv_dice": None if cv is None else {k: _number(v) for k, v in cv["mean"].items() if k != "mean"},
         "cv_mean_dice": None if cv is None else _number(cv.loc["mean", "mean"]),
         "tables": {n: str(out / n) for n in (PLANS_TABLE, SPLITS_TABLE, CURVES_TABLE, CV_TABLE) if (out / n).is_file()},
@@ -261,11 +262,12 @@ def _plans_for_batch_size(dataset_id: int, plans_id: str, batch_size: int | None
 
 
 def _train(dataset_id: int, plans_id: str, folds: list[int | str], trainer: str, config, console_log: Path,
-           verbose: bool) -> Path:
-    """Each fold in turn, in this process, through nnU-Net's own entry path (`train_folds`)."""
+           verbose: bool, num_gpus: int = 1) -> Path:
+    """Each fold in turn, in this process (or its `num_gpus` DDP ranks), through nnU-Net's own entry
+    path (`train_folds`)."""
     from flare_utils.training.api import train_folds
     with nnunet_console(console_log, verbose):
-        results = train_folds(dataset_id, plans_id, folds, trainer, config)
+        results = train_folds(dataset_id, plans_id, folds, trainer, config, num_gpus=num_gpus)
     print(f"{trainer} -> {results}")
     for f in folds:
         print(f"  fold_{f}:", ", ".join(sorted(p.name for p in (results / f"fold_{f}").glob("checkpoint_*.pth"))))

@@ -355,10 +355,27 @@ class _BatchSizeMixin:
     """`batch_size` from the config (None: the plan's)."""
 
     def _set_batch_size_and_oversample(self):
-        super()._set_batch_size_and_oversample()
         bs = getattr(self.flare_config, "batch_size", None)
-        if bs is not None and not self.is_ddp:
+        if bs is not None and self.is_ddp:
+            # DDP: the configured batch size is the global one, split over the ranks by nnU-Net
+            conf = self.configuration_manager.configuration
+            old = conf["batch_size"]
+            conf["batch_size"] = int(bs)
+            try:
+                super()._set_batch_size_and_oversample()
+            finally:
+                conf["batch_size"] = old
+            return
+        super()._set_batch_size_and_oversample()
+        if bs is not None:
             self.batch_size = int(bs)
+
+    @property
+    def global_batch_size(self) -> int:
+        """The batch size over all ranks (config `batch_size`, else the plan's; without DDP: `batch_size`)."""
+        if not self.is_ddp:
+            return int(self.batch_size)
+        return int(getattr(self.flare_config, "batch_size", None) or self.configuration_manager.batch_size)
 
     @property
     def flare_batch_size(self) -> int:
@@ -377,6 +394,24 @@ class FlarePseudoLabelTrainer(_BatchSizeMixin, FlareTrainer):
 
     pseudo_selection: PseudoSelection | None = None
     pseudo_folder: Path | None = None
+    pseudo_cases: list[str] | None = None
+
+    def pseudo_per_batch(self) -> int | None:
+        """Pseudo samples in this process's minibatch (None: uniform over all cases). In DDP the
+        global batch's pseudo count (`secondary_count` of the global batch size) is split over the
+        ranks (`ddp.rank_secondary_counts`), so the global share is the single-process one."""
+        share = self.flare_config.pseudo_share
+        if share is None:
+            return None
+        if not self.is_ddp:
+            return secondary_count(self.flare_batch_size, share)
+        from flare_utils.training.ddp import rank_secondary_counts
+        gb = self.global_batch_size
+        return rank_secondary_counts(gb, secondary_count(gb, share), self.world_size)[self.local_rank]
+
+    def ddp_rank_info(self) -> dict[str, Any]:
+        return {**super().ddp_rank_info(), "pseudo_cases": list(self.pseudo_cases or []),
+                "pseudo_per_batch": self.pseudo_per_batch()}
 
     def load_pseudo_dataset(self):
         """Validate the selection, preprocess (cached) and return the pseudo cases' dataset."""
@@ -388,10 +423,11 @@ class FlarePseudoLabelTrainer(_BatchSizeMixin, FlareTrainer):
                                         f"(FLARE_TRAINING_CONFIG)")
         labelled = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
         sel = read_selection_file(c.selection_file, labelled_cases=labelled)
-        folder = preprocess_selection(sel, self.plans_manager.plans, self.configuration_name, self.dataset_json,
-                                      self.preprocessed_dataset_folder_base, True, c.preprocess_processes)
-        ds_cls = infer_dataset_class(str(folder))
-        ds_cls.unpack_dataset(str(folder), overwrite_existing=False, num_processes=1, verify=True)
+        with self.rank0_first():   # DDP: rank 0 fills the shared cache, the others then find it
+            folder = preprocess_selection(sel, self.plans_manager.plans, self.configuration_name, self.dataset_json,
+                                          self.preprocessed_dataset_folder_base, True, c.preprocess_processes)
+            ds_cls = infer_dataset_class(str(folder))
+            ds_cls.unpack_dataset(str(folder), overwrite_existing=False, num_processes=1, verify=True)
         self.pseudo_selection, self.pseudo_folder = sel, folder
         return ds_cls(str(folder), list(sel.cases))
 
@@ -405,23 +441,30 @@ class FlarePseudoLabelTrainer(_BatchSizeMixin, FlareTrainer):
         if overlap:   # cannot happen after read_selection_file's check; kept as a guard
             raise FlareInputError(self.flare_config.selection_file, f"pseudo case(s) {overlap} in the validation set")
         combined = CombinedDataset({"labelled": dataset_tr, "pseudo": pseudo})
+        self.pseudo_cases = list(pseudo.identifiers)
         share = self.flare_config.pseudo_share
-        n_ps = None if share is None else secondary_count(self.flare_batch_size, share)
+        # over all ranks in DDP (the single-process numbers otherwise)
+        gb = self.global_batch_size if getattr(self, "batch_size", None) is not None else self.flare_batch_size
+        n_ps = None if share is None else secondary_count(gb, share)
         self.print_to_log_file(f"pseudo-label training: {len(dataset_tr.identifiers)} labelled + "
                                f"{len(pseudo.identifiers)} pseudo-labelled training cases "
                                f"({self.pseudo_folder}); {len(dataset_val.identifiers)} validation cases; "
                                f"pseudo samples per batch: "
-                               f"{'uniform over all cases' if n_ps is None else f'{n_ps} of {self.flare_batch_size}'}")
-        if share is not None and abs(n_ps / self.flare_batch_size - share) > 1e-9:
+                               f"{'uniform over all cases' if n_ps is None else f'{n_ps} of {gb}'}"
+                               f"{f' over {self.world_size} DDP ranks' if self.is_ddp else ''}")
+        if share is not None and abs(n_ps / gb - share) > 1e-9:
             self.print_to_log_file(f"WARNING: pseudo_share {share} cannot be realised exactly with batch size "
-                                   f"{self.flare_batch_size}; using {n_ps}/{self.flare_batch_size}")
+                                   f"{gb}; using {n_ps}/{gb}")
         info = {"selection_file": str(self.flare_config.selection_file), "preprocessed_folder": str(self.pseudo_folder),
                 "pseudo_cases": list(pseudo.identifiers), "labelled_training_cases": list(dataset_tr.identifiers),
                 "validation_cases": list(dataset_val.identifiers), "pseudo_share": share,
-                "batch_size": int(self.flare_batch_size), "pseudo_per_batch": n_ps}
-        out = Path(self.output_folder) / PSEUDO_INFO_NAME
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(info, indent=2))
+                "batch_size": int(gb), "pseudo_per_batch": n_ps}
+        if self.is_ddp:
+            info["ddp"] = {"world_size": self.world_size}
+        if self.local_rank == 0:
+            out = Path(self.output_folder) / PSEUDO_INFO_NAME
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(info, indent=2))
         return combined, dataset_val
 
     def make_dataloader(self, dataset, patch_size, final_patch_size, transforms, train: bool):
@@ -429,7 +472,7 @@ class FlarePseudoLabelTrainer(_BatchSizeMixin, FlareTrainer):
         if train and isinstance(dataset, CombinedDataset) and share is not None:
             bs = self.flare_batch_size
             return MixedBatchDataLoader(dataset.parts["labelled"], dataset.parts["pseudo"], bs,
-                                        secondary_count(bs, share), patch_size, final_patch_size,
+                                        self.pseudo_per_batch(), patch_size, final_patch_size,
                                         self.label_manager, self.oversample_foreground_percent, transforms,
                                         self.probabilistic_oversampling, layout="shuffle")
         return super().make_dataloader(dataset, patch_size, final_patch_size, transforms, train)
