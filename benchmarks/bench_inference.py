@@ -13,15 +13,18 @@ What runs, each measurement in its own fresh subprocess (so its peak RSS is its 
   `efficient_demo` plan (stock nnU-Net v2 trainer, nnU-Net's Adam recipe, short schedule) on
   demo-scale phantom cases;
 * methods: ours (mode "efficient", no TTA, centre threshold 1 voxel = the paper's rule), the same
-  with a 1000-voxel centre threshold (`_t1000`), the same over a folder of 4 copies of the case
-  (`_batch4`: background read/preprocess and write; wall time per case), the same with PyTorch's
-  native convolution dispatch (`onednn=False`, to separate the oneDNN gain from the algorithmic one),
+  with a 1000-voxel centre threshold (`_t1000`), with the in-plane step 0.33 (`_ip33`), with the
+  adaptive in-plane grid (`_adaptive`: the 3x3 windows spread to the edges of a body wider than the
+  paper's band; `_adaptive50`, only when named in --methods: at most 0.5 patch between windows, so
+  more windows on wide bodies), the same over a folder of 4 copies of the case (`_batch4`:
+  background read/preprocess and write; wall time per case), the same with PyTorch's native
+  convolution dispatch (`onednn=False`, to separate the oneDNN gain from the algorithmic one),
   ours (mode "full", no TTA: the DSC reference of the efficient sliding window), nnU-Net v2's
   `nnUNetPredictor` with its defaults (step 0.5, Gaussian, mirroring over the checkpoint's axes) and
-  with mirroring off; on `--gap-cases` more whole-body cases (other seeds) only ours efficient and
-  full, because one case's efficient-vs-full DSC difference is noisy. nnU-Net is run single-process
-  (`predict_from_files_sequential`; its multi-process variant only adds worker processes for
-  preprocessing/export, which on 2 cores does not shorten a single case);
+  with mirroring off; on `--gap-cases` more whole-body cases (other seeds) only ours full and the
+  efficient variants of GAP_METHODS, because one case's efficient-vs-full DSC difference is noisy.
+  nnU-Net is run single-process (`predict_from_files_sequential`; its multi-process variant only
+  adds worker processes for preprocessing/export, which on 2 cores does not shorten a single case);
 * figures: windows (and network forward passes: windows x 8 with mirroring), wall time of the
   prediction (model loaded, file to file), peak RSS (ru_maxrss of the worker: whole process,
   imports and model included; plus the ResourceMonitor's peak during prediction), DSC per case
@@ -51,11 +54,15 @@ sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(PROJECT / "tests"))   # demo_model: the test suite's small trained model
 
 METHODS = ("ours_efficient", "ours_efficient_native", "ours_full", "ours_efficient_t1000", "ours_efficient_batch4",
-           "ours_efficient_ip33", "nnunet_default", "nnunet_no_tta")
-GAP_METHODS = ("ours_efficient", "ours_full", "ours_efficient_ip33")
+           "ours_efficient_ip33", "ours_efficient_adaptive", "nnunet_default", "nnunet_no_tta")
+# run only when named in --methods: the adaptive grid with another largest spacing (adaptive50: 0.5 patch)
+EXTRA_METHODS = ("ours_efficient_adaptive50",)
+GAP_METHODS = ("ours_efficient", "ours_full", "ours_efficient_ip33", "ours_efficient_adaptive",
+               "ours_efficient_adaptive50")
 # (case, method) pairs of a default run
-RUNS = [("wholebody", m) for m in METHODS] + \
-       [("abdomen", m) for m in ("ours_efficient", "ours_full", "nnunet_default", "nnunet_no_tta")] + \
+RUNS = [("wholebody", m) for m in (*METHODS, *EXTRA_METHODS)] + \
+       [("abdomen", m) for m in ("ours_efficient", "ours_full", "ours_efficient_adaptive", "ours_efficient_adaptive50",
+                                 "nnunet_default", "nnunet_no_tta")] + \
        [("long", m) for m in ("ours_efficient", "ours_full", "ours_efficient_t1000")]
 
 
@@ -140,19 +147,24 @@ def worker(method: str, model: str, image: str, out_dir: str, threads: int) -> d
     if method.startswith("ours"):
         import re
         import shutil
-        from flare_utils.inference.defaults import DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
+        from flare_utils.inference.defaults import ADAPTIVE_MAX_STEP, DEFAULT_CENTRE_THRESHOLD, DEFAULT_INPLANE_STEP
         from flare_utils.inference.predictor import EfficientPredictor
         thr = re.search(r"_t(\d+)", method)
         batch = re.search(r"_batch(\d+)", method)
         inplane = re.search(r"_ip(\d+)", method)
+        adaptive = re.search(r"_adaptive(\d*)", method)
         centre_threshold = int(thr.group(1)) if thr else DEFAULT_CENTRE_THRESHOLD
         inplane_step = int(inplane.group(1)) / 100 if inplane else DEFAULT_INPLANE_STEP
+        grid = dict(inplane_grid="adaptive" if adaptive else "paper",
+                    adaptive_max_step=int(adaptive.group(1)) / 100 if adaptive and adaptive.group(1) else ADAPTIVE_MAX_STEP)
         t0 = time.perf_counter()
         p = EfficientPredictor.from_results_folder(model, folds=(0,), mode="full" if "full" in method else "efficient",
                                                    device="cpu", monitor=False, onednn="native" not in method,
-                                                   centre_threshold=centre_threshold, inplane_step=inplane_step)
+                                                   centre_threshold=centre_threshold, inplane_step=inplane_step,
+                                                   **grid)
         res["load_model_s"] = time.perf_counter() - t0
         res["centre_threshold"] = p.centre_threshold
+        res.update(inplane_step=p.inplane_step, inplane_grid=p.inplane_grid, adaptive_max_step=p.adaptive_max_step)
         if batch:
             # a folder of N copies (links) of the case: background read/preprocess and write overlap the network
             n = int(batch.group(1))
@@ -284,11 +296,11 @@ def main() -> None:
                     help="train with nnU-Net's data augmentation (default: none, which converges faster)")
     ap.add_argument("--long-slices", type=int, default=1000)
     ap.add_argument("--skip-long", action="store_true")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, *EXTRA_METHODS))
     ap.add_argument("--cases", nargs="+", default=["wholebody", "abdomen", "long"])
     ap.add_argument("--gap-cases", type=int, default=4,
-                    help="extra whole-body cases (other seeds) on which only ours efficient and full run: "
-                         "the efficient-vs-full DSC difference over several cases, not one")
+                    help="extra whole-body cases (other seeds) on which only ours full and the efficient "
+                         "variants run: the efficient-vs-full DSC difference over several cases, not one")
     a = ap.parse_args()
 
     a.work.mkdir(parents=True, exist_ok=True)
@@ -323,19 +335,25 @@ def main() -> None:
 
 
 def efficient_vs_full(runs: list[dict]) -> dict | None:
-    """Mean DSC of each efficient variant minus ours full, per whole-body case and over them."""
+    """Mean DSC of each efficient variant minus ours full, per whole-body case and over them (mean,
+    sd, n); `other_cases`: the same difference on the other cases both ran (abdomen); `windows`:
+    the windows evaluated per case (whole-body and other)."""
     import numpy as np
     dsc = {(r["case"], r["method"]): r["mean_dsc_present"] for r in runs}
+    windows = {(r["case"], r["method"]): r["windows_evaluated"] for r in runs}
     out = {}
     for method in (m for m in GAP_METHODS if m != "ours_full"):
-        cases = [c for c, m in dsc if m == method and c.startswith("wholebody") and (c, "ours_full") in dsc]
+        both = [c for c, m in dsc if m == method and (c, "ours_full") in dsc and c != "long"]
+        cases = [c for c in both if c.startswith("wholebody")]
         if not cases:
             continue
         diff = {c: dsc[(c, method)] - dsc[(c, "ours_full")] for c in cases}
         d = np.array(list(diff.values()))
         out[method] = {"per_case": diff, "mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
                        "n": len(d), "method_mean": float(np.mean([dsc[(c, method)] for c in cases])),
-                       "full_mean": float(np.mean([dsc[(c, "ours_full")] for c in cases]))}
+                       "full_mean": float(np.mean([dsc[(c, "ours_full")] for c in cases])),
+                       "other_cases": {c: dsc[(c, method)] - dsc[(c, "ours_full")] for c in both if c not in cases},
+                       "windows": {c: windows[(c, method)] for c in both}}
     return out or None
 
 
@@ -360,7 +378,8 @@ def markdown(results: dict) -> str:
     for method, g in (results.get("efficient_vs_full") or {}).items():
         rows.append(f"\n{method} - ours_full, mean DSC over {g['n']} whole-body cases: {g['mean']:+.4f} "
                     f"(sd {g['sd']:.4f}; {g['method_mean']:.4f} vs {g['full_mean']:.4f}); per case "
-                    + ", ".join(f"{c} {v:+.4f}" for c, v in g["per_case"].items()))
+                    + ", ".join(f"{c} {v:+.4f}" for c, v in {**g["per_case"], **g.get("other_cases", {})}.items())
+                    + "; windows " + ", ".join(f"{c} {n}" for c, n in g.get("windows", {}).items()))
     return "\n".join(rows)
 
 
