@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
+sys.path.insert(0, str(HERE))
+from child import run_child  # noqa: E402  (benchmarks/child.py)
 sys.path.insert(0, str(PROJECT / "tests"))   # demo_model: the test suite's small trained model
 
 # the demo's unlabelled fields of view (params/demo.yaml)
@@ -167,13 +168,7 @@ def child_cluster(model: str, images: str, run_dir: str, workers: int, noop: int
 
 
 def _run_child(args: list[str], threads: int, timeout: float = 3600) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(PROJECT), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-               OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, args, env={"OMP_NUM_THREADS": str(threads)}, timeout=timeout)
 
 
 def _child_main(argv: list[str]) -> None:

@@ -43,7 +43,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
+sys.path.insert(0, str(HERE))
+from child import run_child  # noqa: E402  (benchmarks/child.py)
 sys.path.insert(0, str(PROJECT / "tests"))   # demo_model: the test suite's small trained model
 
 METHODS = ("ours_efficient", "ours_efficient_native", "ours_full", "ours_efficient_t1000", "ours_efficient_batch4",
@@ -250,15 +251,7 @@ def dsc_of(pred: str, gt: str) -> dict:
 
 
 def _run_child(args: list[str], timeout: float = 3600) -> dict:
-    # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning. On a CPU shared with other
-    # jobs, spinning threads made 2-thread convolutions up to 20x slower (load 4 on 2 cores); every
-    # method runs under the same policy.
-    env = dict(os.environ, PYTHONPATH=str(PROJECT), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, args, timeout=timeout)
 
 
 def _child_main(argv: list[str]) -> None:

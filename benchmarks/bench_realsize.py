@@ -59,7 +59,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,6 +66,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
+sys.path.insert(0, str(HERE))
+from child import run_child  # noqa: E402  (benchmarks/child.py)
 
 E2E_METHODS = ("ours_efficient", "nnunet_no_tta", "nnunet_default")
 BACKENDS = ("onnx", "openvino")
@@ -392,12 +393,7 @@ def agreement(a: str, b: str) -> float:
 
 # ----------------------------------------------------------------------------------------------
 def _run_child(args: list[str], timeout: float = 4 * 3600) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(PROJECT), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, args, timeout=timeout)
 
 
 def _child_main(argv: list[str]) -> None:
