@@ -5,6 +5,7 @@ the SLURM job script dask-jobqueue makes, the GPU pinning rules. CPU only, a few
 (one cluster for the whole file)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -182,19 +183,27 @@ def _kill_a_busy_worker(side: Path, killed: list[int], stop: threading.Event) ->
         time.sleep(0.01)
 
 
-def test_worker_killed_mid_case_loses_nothing(tmp_path, unlabelled, teacher, client):
-    ref = _serial_reference(tmp_path, teacher, unlabelled)
-    pids = set(client.run(os.getpid).values())
+@contextlib.contextmanager
+def a_busy_worker_killed(side: Path):
+    """While the block runs, a thread kills the first worker seen mid-case (_kill_a_busy_worker);
+    yields the list that receives its pid."""
     killed: list[int] = []
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_a_busy_worker, args=(teacher.parent, killed, stop), daemon=True)
+    killer = threading.Thread(target=_kill_a_busy_worker, args=(side, killed, stop), daemon=True)
     killer.start()
     try:
-        run = tmp_path / "run"
-        info = pseudo.predict_round(run, 1, teacher, unlabelled, predictor_factory=slow_factory, client=client)
+        yield killed
     finally:
         stop.set()
         killer.join()
+
+
+def test_worker_killed_mid_case_loses_nothing(tmp_path, unlabelled, teacher, client):
+    ref = _serial_reference(tmp_path, teacher, unlabelled)
+    pids = set(client.run(os.getpid).values())
+    with a_busy_worker_killed(teacher.parent) as killed:
+        run = tmp_path / "run"
+        info = pseudo.predict_round(run, 1, teacher, unlabelled, predictor_factory=slow_factory, client=client)
     assert killed and killed[0] in pids                            # a worker died with a case in flight
     writes = _writes(teacher)
     assert sorted(writes) == sorted(set(writes)) and len(writes) == 8      # every case written exactly once

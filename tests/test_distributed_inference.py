@@ -26,7 +26,7 @@ from flare_utils.errors import FlareInputError  # noqa: E402
 from flare_utils.inference import cluster_folder  # noqa: E402
 from flare_utils.inference.case_report import EFFICIENCY_DIR, RUN_JSON, SUMMARY_CSV, CaseReport, file_stat  # noqa: E402
 from flare_utils.inference.folder import predict_folder  # noqa: E402
-from test_distributed import (_hashes, _kill_a_busy_worker, _writes, client, cluster,  # noqa: E402,F401
+from test_distributed import (_hashes, a_busy_worker_killed, _writes, client, cluster,  # noqa: E402,F401
                               tiny_model_and_images)
 from test_pseudo import _images, teacher  # noqa: E402,F401
 
@@ -148,17 +148,10 @@ def test_worker_killed_mid_case_loses_nothing(tmp_path, teacher, client):
     ref = tmp_path / "serial"
     _serial(images, ref, teacher)
     pids = set(client.run(os.getpid).values())
-    killed: list[int] = []
-    stop = threading.Event()
-    killer = threading.Thread(target=_kill_a_busy_worker, args=(teacher.parent, killed, stop), daemon=True)
-    killer.start()
-    try:
+    with a_busy_worker_killed(teacher.parent) as killed:
         out = tmp_path / "dist"
         df = cluster_folder.predict_folder_on_cluster(client, teacher, images, out, folds=[0],
                                                       options={"sleep": 0.3}, factory=cheap_folder_factory)
-    finally:
-        stop.set()
-        killer.join()
     assert killed and killed[0] in pids                                   # a worker died with a case in flight
     writes = _writes(teacher)
     assert sorted(writes) == [f"Case_{i:05d}" for i in range(8)]           # every case written exactly once

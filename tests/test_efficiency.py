@@ -117,6 +117,30 @@ def test_child_excluded_when_asked():
     assert mon.result.peak_rss_increase_mib < 150
 
 
+def _hold(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and /proc/<pid>/smaps_rollup")
+def test_pss_counts_pages_shared_by_forked_workers_once():
+    """Three forked workers share the parent's 200 MiB: RSS summed over the tree counts them four
+    times, proportional set size once (the stage table's peak RAM)."""
+    import multiprocessing as mp
+    shared = np.ones(200 * 1024 * 1024 // 8)                 # written, so resident, before the fork
+    peaks = {}
+    for pss in (False, True):
+        with ResourceMonitor(interval=0.1, pss=pss, gpu=False) as mon:
+            workers = [mp.get_context("fork").Process(target=_hold, args=(1.0,)) for _ in range(3)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        peaks[pss] = mon.result.peak_rss_mib
+    assert peaks[False] > 3.5 * 200                          # the parent's pages once per process
+    assert 200 <= peaks[True] < peaks[False] - 400           # ... and once in all
+    del shared
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a GPU")
 def test_gpu_fields_not_measured_without_gpu(sleep_report, tmp_path):
     r = sleep_report.result

@@ -93,7 +93,8 @@ def full_run(root: Path, png: bytes) -> Path:
     for unit, stage, stem in UNITS:
         write(root / "notebooks" / f"{stem}.html", "<html>report</html>")
         stages.append({"unit": unit, "stage": stage, "notebook": f"notebooks/{stem}.ipynb",
-                       "html": f"notebooks/{stem}.html", "status": "done", "seconds": 12.5, "message": None})
+                       "html": f"notebooks/{stem}.html", "status": "done", "seconds": 12.5, "message": None,
+                       "peak_ram_mib": 3072.0})
     write(root / "stages.json", json.dumps(stages))
     write(root / "models.json", json.dumps({
         name: {"title": TITLES[name], "role": name.split("_")[0], "path": f"nnUNet_results/{name}",
@@ -217,6 +218,9 @@ def test_full_page_embeds_pictures_and_links_relative_existing_reports(tmp_path,
     assert re.search(packages, page)                   # one line per package
     assert "<details><summary>params.yaml</summary>" in page and "<h1>demo study</h1>" in page
     assert "not run in this study" not in page and "stage failed" not in page
+    stages_table = page[page.index('<table class="stages">'):]
+    assert "<th>peak RAM</th>" in stages_table and "<td>3.00 GiB</td>" in stages_table
+    assert "peak GPU memory" not in stages_table       # no stage read a GPU
 
 
 def test_partial_run_says_what_is_missing(tmp_path):

@@ -47,6 +47,9 @@ def test_conversion_notebook_runs_with_smoke_params(tmp_path):
     assert "integrity check passed" in html and "<img" in html      # the case pictures rendered
     stages = json.loads((run_dir / "stages.json").read_text())
     assert stages[0]["stage"] == "convert" and stages[0]["status"] == "done"
+    # the stage's peak memory: at least the kernel's numpy/torch/nnU-Net imports, and shown in the index
+    assert 100 < stages[0]["peak_ram_mib"] < 24 * 1024
+    assert f"{stages[0]['peak_ram_mib'] / 1024:.2f} GiB" in (run_dir / "index.html").read_text()
     # executed notebook got the params, and the committed notebook stayed clean
     src = json.loads((PROJECT / "notebooks" / "01_data_conversion.ipynb").read_text())
     assert not any(c.get("outputs") for c in src["cells"] if c["cell_type"] == "code")
@@ -161,6 +164,7 @@ def test_second_run_skips_every_stage_and_changes_nothing(smoke_run):
     stages = json.loads((run_dir / "stages.json").read_text())
     assert [s["status"] for s in stages] == ["skipped"] * 9
     assert all(s["seconds"] is not None for s in stages)        # the time of the run that made it
+    assert all(s["peak_ram_mib"] > 0 for s in stages)           # ... and its memory
 
 
 STAGE_NOTEBOOKS = sorted(p.name for p in (PROJECT / "notebooks").glob("0*.ipynb"))

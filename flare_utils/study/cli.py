@@ -53,6 +53,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print("\n".join(f"  {r.status:>8}  {r.name:<24} {'' if r.seconds is None else f'{r.seconds:7.1f} s'}"
+                    + ("" if r.peak_ram_mib is None else f"  {r.peak_ram_mib / 1024:6.2f} GiB")
                     for r in results))
     return 0
 

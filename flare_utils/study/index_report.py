@@ -114,6 +114,8 @@ class StageUnit:
     message: str | None
     notebook: str | None
     report: str | None
+    peak_ram_mib: float | None = None
+    peak_gpu_mib: float | None = None
 
 
 def read_stages(run_dir: str | Path) -> list[StageUnit]:
@@ -147,7 +149,8 @@ def read_stages(run_dir: str | Path) -> list[StageUnit]:
         report = next((rel for rel in (_inside(run, c) for c in candidates) if rel and (run / rel).is_file()), None)
         seconds = d.get("seconds")
         units.append(StageUnit(unit, stage, status, float(seconds) if seconds is not None else None,
-                               message, _inside(run, nb) or (str(nb) if nb else None), report))
+                               message, _inside(run, nb) or (str(nb) if nb else None), report,
+                               _number(d.get("peak_ram_mib")), _number(d.get("peak_gpu_mib"))))
     return units
 
 
@@ -388,6 +391,17 @@ def _figure_html(fig, caption: str, dpi: int = 110) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
+def _number(v: Any) -> float | None:
+    try:
+        return None if v is None or isinstance(v, bool) else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fmt_gib(mib: float | None) -> str:
+    return "" if mib is None else f"{mib / 1024:.2f} GiB"
+
+
 def _fmt_seconds(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "—"
@@ -469,15 +483,23 @@ def _section_stages(r: _Run) -> str:
     if not r.units:
         return '<p class="missing">stages.json: no stage has been run (or recorded) yet</p>'
     # Badges and links are markup, so this one table is built by hand; every text is escaped.
+    any_gpu = any(u.peak_gpu_mib is not None for u in r.units)
     rows = []
     for u in r.units:
         status = u.status if u.status in ("done", "failed", "skipped", "pending", "running", "interrupted") else "unknown"
         report = _link(u.report) if u.report else '<span class="missing">no report</span>'
         message = f"<br>{_e(u.message)}" if u.message else ""
+        gpu = f"<td>{_fmt_gib(u.peak_gpu_mib)}</td>" if any_gpu else ""
         rows.append(f"<tr><td>{_e(u.unit)}</td><td><span class=\"badge {status}\">{_e(u.status)}</span></td>"
-                    f"<td>{_fmt_seconds(u.seconds)}</td><td>{report}{message}</td></tr>")
-    return ('<table class="stages"><thead><tr><th>unit</th><th>status</th><th>time</th>'
-            f'<th>report</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+                    f"<td>{_fmt_seconds(u.seconds)}</td><td>{_fmt_gib(u.peak_ram_mib)}</td>{gpu}"
+                    f"<td>{report}{message}</td></tr>")
+    gpu_head = "<th>peak GPU memory</th>" if any_gpu else ""
+    return ('<table class="stages"><thead><tr><th>unit</th><th>status</th><th>time</th><th>peak RAM</th>'
+            f'{gpu_head}<th>report</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            '<p class="caption">Peak RAM: the most memory the stage\'s processes (runner, notebook kernel, '
+            'data-augmentation and pool workers) held at once, summed over them as proportional set size '
+            '(pages they share counted once), sampled every 0.5 s. A skipped stage shows the time and memory '
+            'of the run that made it.</p>')
 
 
 def _section_comparison(r: _Run) -> str:

@@ -339,6 +339,8 @@ class StageResult:
     html: Path | None
     message: str | None = None
     stage: str = ""
+    peak_ram_mib: float | None = None    # the runner, the kernel and its workers (PSS summed; MiB)
+    peak_gpu_mib: float | None = None    # device-wide GPU memory in use (None: no GPU read)
 
 
 # Rendering of executed notebooks for collaborators: text, tables and figures first; each code cell
@@ -552,11 +554,14 @@ def run_unit(unit: Unit, parameters: dict[str, Any], run: RunLayout, *, kernel_n
     progress_file = run.progress_file
     progress_file.parent.mkdir(parents=True, exist_ok=True)
     models_before = read_models(run.root)
+    from flare_utils.evaluation.efficiency import ResourceMonitor
+    # the stage's memory: this process and its descendants (kernel, data-augmentation and pool workers)
+    monitor = ResourceMonitor(interval=MEMORY_SAMPLE_INTERVAL_S, pss=True, gpu=None)
     t0 = time.perf_counter()
     log(f"[{unit.name}] running {unit.notebook}" + (f" -> {unit.output}" if unit.output != unit.notebook else ""))
     try:     # the kernel inherits nnU-Net's folders and the progress file
         with environment(**run.nnunet_environment(), **{PROGRESS_ENV: str(progress_file)}), \
-                ProgressWatcher(progress_file, stream=progress_stream, log=getattr(log, "file_only", None)):
+                ProgressWatcher(progress_file, stream=progress_stream, log=getattr(log, "file_only", None)), monitor:
             # replace=True: the runner decided (markers) that this unit runs; a notebook opened by hand
             # on a finished run only shows it (flare_utils.study.notebook.open_stage)
             pm.execute_notebook(str(source), str(partial), parameters={**parameters, "replace": True},
@@ -572,14 +577,32 @@ def run_unit(unit: Unit, parameters: dict[str, Any], run: RunLayout, *, kernel_n
     if stale.exists():
         stale.unlink()
     seconds = time.perf_counter() - t0
+    ram, gpu = _peaks(monitor)
     registered = [n for n, m in read_models(run.root).items() if models_before.get(n) != m]
     marker.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps({"unit": unit.name, "notebook": unit.output, "finished": time.time(),
-                                          "seconds": round(seconds, 2), "parameters_hash": _hash(parameters, run),
+                                          "seconds": round(seconds, 2), "peak_ram_mib": ram, "peak_gpu_mib": gpu,
+                                          "parameters_hash": _hash(parameters, run),
                                           "outputs": [run.stored(o) for o in outputs], "models": registered,
                                           "parameters": parameters}, indent=1, default=str))
-    log(f"[{unit.name}] done in {seconds:.1f} s -> {html}")
-    return StageResult(unit.name, "done", seconds, out, html, stage=unit.stage)
+    log(f"[{unit.name}] done in {seconds:.1f} s, peak RAM {_gib(ram)} -> {html}")
+    return StageResult(unit.name, "done", seconds, out, html, stage=unit.stage, peak_ram_mib=ram, peak_gpu_mib=gpu)
+
+
+MEMORY_SAMPLE_INTERVAL_S = 0.5
+
+
+def _peaks(monitor) -> tuple[float | None, float | None]:
+    """(peak RAM, peak GPU memory) in MiB of a finished ResourceMonitor, rounded; None: not read."""
+    r = monitor.result
+    if r is None:
+        return None, None
+    gpu = None if r.gpu_mem_peak_mib is None else round(r.gpu_mem_peak_mib, 1)
+    return round(r.peak_rss_mib, 1), gpu
+
+
+def _gib(mib: float | None) -> str:
+    return "not measured" if mib is None else f"{mib / 1024:.2f} GiB"
 
 
 def _stage_names(names: Iterable[str] | str | None, params: StudyParams, what: str) -> list[str]:
@@ -599,7 +622,8 @@ def _write_status(run: RunLayout, results: list[StageResult]) -> None:
     rel = lambda p: None if p is None else os.path.relpath(p, run.root)   # noqa: E731
     atomic_write_text(run.stages_file, json.dumps(
         [{"unit": r.name, "stage": r.stage, "status": r.status,
-          "seconds": None if r.seconds is None else round(r.seconds, 2), "notebook": rel(r.notebook),
+          "seconds": None if r.seconds is None else round(r.seconds, 2),
+          "peak_ram_mib": r.peak_ram_mib, "peak_gpu_mib": r.peak_gpu_mib, "notebook": rel(r.notebook),
           "html": rel(r.html), "message": r.message} for r in results], indent=2))
 
 
@@ -704,8 +728,9 @@ def _run_locked(params: StudyParams, run: RunLayout, start: list[str], only_l: l
                     not_before = max(not_before, float(m["finished"]))
                     results[i] = StageResult(unit.name, "skipped", m.get("seconds"), run.notebooks / unit.output,
                                              (run.notebooks / unit.output).with_suffix(".html"),
-                                             "complete (outputs and parameters unchanged); time of its run",
-                                             stage=unit.stage)
+                                             "complete (outputs and parameters unchanged); time and memory of its run",
+                                             stage=unit.stage, peak_ram_mib=m.get("peak_ram_mib"),
+                                             peak_gpu_mib=m.get("peak_gpu_mib"))
                     rlog(f"[{unit.name}] complete, skipped")
                     continue
                 if start and i < start_index:
