@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(HERE))
-from child import run_child  # noqa: E402  (benchmarks/child.py)
+from child import reply, run_child  # noqa: E402  (benchmarks/child.py)
 sys.path.insert(0, str(PROJECT / "tests"))   # demo_model: the test suite's small trained model
 
 # the demo's unlabelled fields of view (params/demo.yaml)
@@ -179,7 +179,7 @@ def _child_main(argv: list[str]) -> None:
         out = child_cluster(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]), argv[6], argv[7], int(argv[8]))
     else:
         raise SystemExit(f"unknown child {kind}")
-    sys.stdout.write("\n" + json.dumps(out, default=float) + "\n")
+    reply(out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(HERE))
-from child import run_child  # noqa: E402  (benchmarks/child.py)
+from child import reply, run_child  # noqa: E402  (benchmarks/child.py)
 sys.path.insert(0, str(PROJECT / "tests"))   # demo_model: the test suite's small trained model
 
 METHODS = ("ours_efficient", "ours_efficient_native", "ours_full", "ours_efficient_t1000", "ours_efficient_batch4",
@@ -265,7 +265,7 @@ def _child_main(argv: list[str]) -> None:
         out = dsc_of(argv[1], argv[2])
     else:
         raise SystemExit(f"unknown child {kind}")
-    sys.stdout.write("\n" + json.dumps(out, default=float) + "\n")
+    reply(out)
 
 
 # ----------------------------------------------------------------------------------------------

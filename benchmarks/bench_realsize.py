@@ -67,7 +67,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(HERE))
-from child import run_child  # noqa: E402  (benchmarks/child.py)
+from child import reply, run_child  # noqa: E402  (benchmarks/child.py)
 
 E2E_METHODS = ("ours_efficient", "nnunet_no_tta", "nnunet_default")
 BACKENDS = ("onnx", "openvino")
@@ -412,7 +412,7 @@ def _child_main(argv: list[str]) -> None:
         out = {"agreement": agreement(a[0], a[1])}
     else:
         raise SystemExit(f"unknown child {kind}")
-    sys.stdout.write("\n" + json.dumps(out, default=float) + "\n")
+    reply(out)
 
 
 def main() -> None:

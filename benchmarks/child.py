@@ -26,3 +26,8 @@ def run_child(script: str | Path, args: list[str], *, env: dict[str, str] | None
     if proc.returncode != 0:
         raise RuntimeError(f"child {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def reply(result: dict) -> None:
+    """The child's side: print `result` as the last stdout line, in the JSON `run_child` reads."""
+    sys.stdout.write("\n" + json.dumps(result, default=float) + "\n")
